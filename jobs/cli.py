@@ -1,0 +1,72 @@
+"""``vmae``: one CLI, one subcommand per job.
+
+Subcommand modules are imported lazily (``vmae --help`` must not pay for importing ray/torch). Each module
+named here exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Order is the order of the workflow.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("jobs.synth_cmd", "generate a labelled synthetic multi-domain video set into a folder/bucket"),
+    "shard": ("jobs.shard", "raw videos -> transcoded WebDataset shards + index + manifest (Ray job)"),
+    "curate": (
+        "jobs.curate",
+        "per-sample quality/domain metrics over a shard set -> curation.parquet (Ray job)",
+    ),
+    "subset": ("jobs.subset_cmd", "select a subset of a curated shard set -> subset manifest (no copies)"),
+    "pretrain": ("jobs.pretrain", "VideoMAE pretraining with Ray Train (fault tolerant, elastic)"),
+    "finetune": ("jobs.finetune", "supervised finetuning from a pretrained checkpoint with Ray Train"),
+    "eval": ("jobs.evaluate", "top-1/top-5 multi-view eval, linear probe and kNN on frozen features"),
+    "study": ("jobs.study", "grid of pretrain -> evaluate over subsets; table and plots"),
+    "submit": ("jobs.submit", "submit any vmae subcommand to a Ray cluster as a Ray job"),
+    "status": ("jobs.submit", "status of a submitted Ray job"),
+    "logs": ("jobs.submit", "logs of a submitted Ray job"),
+    "stop": ("jobs.submit", "stop a submitted Ray job"),
+    "model-info": ("jobs.model_info", "parameter count and FLOPs per clip of a model config"),
+}
+
+
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmae", description="VideoMAE on Ray: shard, curate, pretrain, study."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        if not _available(module):
+            continue
+        sub.add_parser(name, help=help_text, description=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.parse_args(argv or ["--help"])  # prints help / the unknown-command error and exits
+        return 2
+    name = argv[0]
+    module_name, help_text = COMMANDS[name]
+    if not _available(module_name):
+        parser.error(f"command {name!r} is not available in this build")
+    module = importlib.import_module(module_name)
+    cmd_parser = argparse.ArgumentParser(prog=f"vmae {name}", description=help_text)
+    if hasattr(module, "add_command_arguments"):  # modules serving several commands (submit/status/...)
+        module.add_command_arguments(name, cmd_parser)
+        args = cmd_parser.parse_args(argv[1:])
+        return int(module.run_command(name, args) or 0)
+    module.add_arguments(cmd_parser)
+    args = cmd_parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
