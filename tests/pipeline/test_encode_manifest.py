@@ -16,16 +16,16 @@ from pipeline.manifest import (
 
 
 def test_encode_decode_roundtrip_shape_and_content():
-    yy, xx = np.mgrid[0:32, 0:48]
+    yy, xx = np.mgrid[0:32, 0:64]
     base = np.stack([xx * 5, yy * 7, (xx + yy) * 3], -1).astype(np.uint8)[None]  # smooth: survives 4:2:0
     frames = np.repeat(base, 10, axis=0)
     data = encode_mp4(frames, fps=25, crf=10)
     out = decode_all(data)
-    assert out.shape == (10, 32, 48, 3)
+    assert out.shape == (10, 32, 64, 3)
     # lossy, but close on average at crf 10
     assert np.abs(out.astype(int) - frames.astype(int)).mean() < 4
     vr = decord.VideoReader(io.BytesIO(data))
-    assert len(vr) == 10 and vr[0].shape == (32, 48, 3)
+    assert len(vr) == 10 and vr[0].shape == (32, 64, 3)
     assert vr.get_avg_fps() == pytest.approx(25, rel=1e-3)
 
 
