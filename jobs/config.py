@@ -143,10 +143,14 @@ def load_config(cls: type[T], url: str | None = None, overrides: list[str] | tup
     return from_dict(cls, data, where=url or cls.__name__)
 
 
-def save_config(cfg: Any, run_dir_url: str, name: str = "config.yaml") -> str:
-    """Write the resolved config into the run directory and return its URL."""
+def save_config(
+    cfg: Any, run_dir_url: str, name: str = "config.yaml", storage_options: dict[str, Any] | None = None
+) -> str:
+    """Write the resolved config into the run directory and return its URL.
+
+    ``storage_options`` reach fsspec (e.g. an S3 endpoint from ``pipeline.storage.storage_options``)."""
     url = run_dir_url.rstrip("/") + "/" + name
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
