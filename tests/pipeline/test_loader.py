@@ -1,0 +1,255 @@
+"""The training loader end to end on tiny shard sets: exactly-once coverage over ranks x workers, equal batch
+counts, determinism, exact and elastic resume, subsets, bad samples, config, and S3."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from jobs.config import load_config
+from pipeline import storage
+from pipeline.loader import (
+    Layout,
+    LoaderConfig,
+    ShardKeys,
+    buffer_shuffle,
+    consumed_keys,
+    epoch_sequence,
+    make_loader,
+    plan_epoch,
+)
+from pipeline.manifest import write_subset
+from tests.pipeline.shardset_helpers import make_shard_set
+
+SMALL = dict(num_frames=4, sampling_rate=2, input_size=32, patch_size=16, mask_ratio=0.5, shuffle_buffer=4)
+
+
+def small_cfg(url, **kw) -> LoaderConfig:
+    return LoaderConfig(manifest=url, **{**SMALL, "batch_size": 2, "num_workers": 2, **kw})
+
+
+def run_epoch(loader, limit=None):
+    """[(keys, video, mask, label, valid)] of the batches yielded (all, or the first ``limit``)."""
+    out = []
+    for b in loader:
+        out.append((tuple(b["key"]), b["video"], b["mask"], b["label"], b["valid"]))
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """22 videos in 5 shards of 9, 1, 6, 2, 4 videos."""
+    url = str(tmp_path_factory.mktemp("uneven"))
+    make_shard_set(url, 22, 5, sizes=[9, 1, 6, 2, 4], frames=lambda i: 12 + i % 7)
+    return url
+
+
+# ---- planning (metadata only, no decoding) ----
+
+
+@pytest.mark.parametrize("n,world,workers,vpb,remainder", [(22, 2, 2, 2, "drop"), (37, 3, 4, 3, "drop"),
+                                                             (10, 4, 3, 1, "drop"), (37, 3, 2, 2, "pad")])  # fmt: skip
+def test_plan_exactly_once_and_equal(n, world, workers, vpb, remainder):
+    shards = [
+        ShardKeys(f"s{i}", tuple(f"k{i}-{j}" for j in range(c)))
+        for i, c in enumerate([n // 3, 1, n - n // 3 - 1])
+    ]
+    lay = Layout(
+        world_size=world, num_workers=workers, videos_per_batch=vpb, shuffle_buffer=5, remainder=remainder
+    )
+    nb, plans = plan_epoch(shards, seed=1, epoch=0, history=[], layout=lay)
+    seq = [k for _, k in epoch_sequence(shards, 1, 0)]
+    per_rank = [sum(len(p.order) for p in workers_) for workers_ in plans]
+    assert per_rank == [nb * vpb] * world  # equal samples per rank
+    keys = [k for workers_ in plans for p in workers_ for k in p.order]
+    if remainder == "drop":
+        assert nb == n // (world * vpb) and sorted(keys) == sorted(seq[: nb * world * vpb])
+        assert len(set(keys)) == len(keys)
+    else:
+        assert nb == -(-n // (world * vpb)) and set(keys) == set(seq)
+    for workers_ in plans:  # worker w owns rank-batches w, w+K, ...: counts ceil((nb - w) / K)
+        assert [len(p.order) // vpb for p in workers_] == [
+            max(0, -(-(nb - w) // workers)) for w in range(workers)
+        ]
+
+
+def test_buffer_shuffle_is_a_bounded_permutation():
+    items = list(range(200))
+    out = buffer_shuffle(items, 10, np.random.default_rng(0))
+    assert sorted(out) == items and out != items
+    assert all(out[i] <= i + 9 for i in range(200))  # output i is among the first i + 10 items read
+    assert out == buffer_shuffle(items, 10, np.random.default_rng(0))
+    assert buffer_shuffle(items, 1, None) == items
+
+
+def test_elastic_replan_covers_the_rest_exactly_once():
+    shards = [ShardKeys(f"s{i}", tuple(f"k{i}-{j}" for j in range(c))) for i, c in enumerate([7, 13, 5, 11])]
+    old = Layout(world_size=4, num_workers=2, videos_per_batch=2, shuffle_buffer=3, remainder="drop")
+    nb, plans = plan_epoch(shards, seed=5, epoch=3, history=[], layout=old)
+    done = consumed_keys(plans, 2, 2)
+    assert len(done) == 2 * 4 * 2
+    new = Layout(world_size=3, num_workers=3, videos_per_batch=1, shuffle_buffer=8, remainder="drop")
+    nb2, plans2 = plan_epoch(shards, seed=5, epoch=3, history=[(old, 2)], layout=new)
+    rest = [k for w in plans2 for p in w for k in p.order]
+    assert not done & set(rest) and len(set(rest)) == len(rest)
+    assert len(done) + len(rest) >= 36 - 3 + 1 and nb2 == (36 - 16) // 3  # at most W*V - 1 left out
+
+
+# ---- real iteration ----
+
+
+def test_exactly_once_over_2_ranks_x_2_workers_with_uneven_shards(uneven):
+    cfg = small_cfg(uneven)
+    per_rank = [run_epoch(make_loader(cfg, rank=r, world_size=2)) for r in range(2)]
+    assert [len(b) for b in per_rank] == [5, 5]  # 22 // (2 ranks * 2) = 5 batches each, 2 dropped
+    keys = [k for batches in per_rank for b in batches for k in b[0]]
+    assert len(keys) == 20 and len(set(keys)) == 20
+    assert set(keys) <= {f"vid{i:05d}" for i in range(22)}
+    for batches in per_rank:
+        for k, video, mask, label, valid in batches:
+            assert video.shape == (2, 3, 4, 32, 32) and mask.shape == (2, 8) and valid.all()
+            assert mask.sum(1).tolist() == [4, 4]  # tube: round(0.5 * 4) per frame x 2 frames
+            assert label.tolist() == [int(x[3:]) % 5 for x in k]
+
+
+def test_deterministic_and_epoch_dependent(uneven):
+    cfg = small_cfg(uneven, num_workers=1)
+    a = run_epoch(make_loader(cfg, rank=1, world_size=2))
+    b = run_epoch(make_loader(cfg, rank=1, world_size=2))
+    assert [x[0] for x in a] == [x[0] for x in b]
+    assert all(torch.equal(x[1], y[1]) and torch.equal(x[2], y[2]) for x, y in zip(a, b, strict=True))
+    loader = make_loader(cfg, rank=1, world_size=2)
+    loader.set_epoch(1)
+    c = run_epoch(loader)
+    assert [x[0] for x in c] != [x[0] for x in a]
+    assert loader.epoch == 2 and len(loader) == 5  # finishing an epoch moves to the next
+    other_seed = run_epoch(make_loader(small_cfg(uneven, num_workers=1, seed=9), rank=1, world_size=2))
+    assert [x[0] for x in other_seed] != [x[0] for x in a]
+
+
+@pytest.mark.parametrize("cut", [1, 3])
+def test_resume_mid_epoch_equals_uninterrupted(uneven, cut):
+    cfg = small_cfg(uneven, batch_size=4, num_sample=2, num_workers=2)  # 2 videos x 2 clips per batch
+    full = make_loader(cfg, rank=0, world_size=2)
+    full.set_epoch(4)
+    want = run_epoch(full)
+    first = make_loader(cfg, rank=0, world_size=2)
+    first.set_epoch(4)
+    head = run_epoch(first, limit=cut)
+    state = first.state_dict()
+    assert state["epoch"] == 4 and state["cursor"] == cut
+    resumed = make_loader(cfg, rank=0, world_size=2)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(4)  # what a trainer does: a no-op that keeps the cursor
+    tail = run_epoch(resumed)
+    got = head + tail
+    assert len(got) == len(want) == 5
+    for x, y in zip(got, want, strict=True):
+        assert x[0] == y[0] and torch.equal(x[1], y[1]) and torch.equal(x[2], y[2])
+    assert resumed.stats["batches"] == 5 and resumed.epoch == 5
+
+
+def test_elastic_resume_world_2_to_3(uneven):
+    """Save after 2 batches on 2 ranks, resume on 3 ranks with 1 worker: the rest of the epoch, each sample
+    once, same clip per key as the uninterrupted run would have made, equal batches on the new ranks."""
+    cfg = small_cfg(uneven, batch_size=1, num_workers=2)
+    old = [make_loader(cfg, rank=r, world_size=2) for r in range(2)]
+    seen = [b for loader in old for b in run_epoch(loader, limit=2)]
+    state = old[0].state_dict()
+    new_cfg = small_cfg(uneven, batch_size=1, num_workers=1)
+    new = [make_loader(new_cfg, rank=r, world_size=3) for r in range(3)]
+    for loader in new:
+        loader.load_state_dict(state)
+    rest = [run_epoch(loader) for loader in new]
+    assert len({len(r) for r in rest}) == 1  # equal batches per rank
+    keys = [b[0][0] for b in seen] + [b[0][0] for r in rest for b in r]
+    assert max(Counter(keys).values()) == 1 and len(keys) >= 22 - 3 + 1
+    ref = {b[0][0]: b[1] for r in range(2) for b in run_epoch(make_loader(cfg, rank=r, world_size=2))}
+    for b in [b for r in rest for b in r]:
+        if b[0][0] in ref:
+            assert torch.equal(b[1], ref[b[0][0]])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_pad_remainder_repeats_head_samples(tmp_path, workers):
+    url = str(tmp_path / "seven")
+    make_shard_set(url, 7, 2)
+    loader = make_loader(small_cfg(url, remainder="pad", num_workers=workers), rank=0, world_size=1)
+    keys = [k for b in run_epoch(loader) for k in b[0]]
+    assert len(keys) == 8 and set(keys) == {f"vid{i:05d}" for i in range(7)}
+    assert sorted(Counter(keys).values()) == [1] * 6 + [2]
+
+
+def test_subset_streams_only_selected_keys_and_skips_empty_shards(tmp_path):
+    url = str(tmp_path / "set")
+    make_shard_set(url, 12, 3, keys_in_manifest=False)  # keys come from index.parquet
+    chosen = ["vid00001", "vid00002", "vid00005", "vid00006", "vid00007", "vid00003"]  # shards 0 and 1 only
+    write_subset(str(tmp_path / "sub.parquet"), chosen, source_manifest=url, rule={"t": 1}, inputs_hash="h")
+    (tmp_path / "set" / "shard-000002.tar").unlink()  # never opened: it has no selected key
+    cfg = small_cfg(url, subset=str(tmp_path / "sub.parquet"))
+    loader = make_loader(cfg, rank=0, world_size=1)
+    keys = [k for b in run_epoch(loader) for k in b[0]]
+    assert sorted(keys) == sorted(chosen) and loader.stats["skipped"] == 0
+    write_subset(str(tmp_path / "bad.parquet"), ["nope"], source_manifest=url, rule={}, inputs_hash="h")
+    with pytest.raises(ValueError, match="not in"):
+        make_loader(small_cfg(url, subset=str(tmp_path / "bad.parquet")))
+
+
+def test_bad_samples_skipped_counted_across_workers(tmp_path, caplog):
+    url = str(tmp_path / "bad")
+    bad = {1: "garbage", 4: "no_mp4", 6: "absent", 9: "bad_label"}
+    make_shard_set(url, 12, 3, bad=bad, frames=lambda i: 3 if i == 10 else 12)
+    cfg = small_cfg(url, batch_size=3, num_workers=2, min_frames=4, shuffle_buffer=0)
+    loader = make_loader(cfg, rank=0, world_size=1)
+    with caplog.at_level("WARNING"):
+        batches = run_epoch(loader)
+    assert len(batches) == 4
+    flagged = {k for b in batches for k, v in zip(b[0], b[4].tolist(), strict=True) if not v}
+    assert flagged == {"vid00001", "vid00004", "vid00006", "vid00009", "vid00010"}
+    assert loader.stats["skipped"] == 5 and loader.stats["clips"] == 7 and loader.stats["videos"] == 7
+    assert loader.stats["skipped_by_reason"]["too short"] == 1
+    assert "skipped sample" in caplog.text
+    for b in batches:  # padded slots copy a good clip of the same batch: shapes never change
+        assert b[1].shape == (3, 3, 4, 32, 32) and torch.isfinite(b[1]).all()
+
+
+def test_state_dict_mismatches_raise(uneven, tmp_path):
+    loader = make_loader(small_cfg(uneven), rank=0, world_size=2)
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        make_loader(small_cfg(uneven, seed=3), rank=0, world_size=2).load_state_dict(state)
+    other = str(tmp_path / "other")
+    make_shard_set(other, 8, 2)
+    with pytest.raises(ValueError, match="different samples"):
+        make_loader(small_cfg(other), rank=0, world_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="version"):
+        loader.load_state_dict({**state, "version": 99})
+
+
+def test_config_yaml_overrides_and_validation(uneven, tmp_path):
+    (tmp_path / "l.yaml").write_text(f"manifest: {uneven}\nbatch_size: 4\nnum_sample: 2\nscales: [1, 0.5]\n")
+    cfg = load_config(LoaderConfig, str(tmp_path / "l.yaml"), ["sampling_rate=2", "storage.retries=1"])
+    assert cfg.videos_per_batch == 2 and cfg.scales == (1.0, 0.5) and cfg.storage.retries == 1
+    for bad, field in [({"batch_size": 3, "num_sample": 2}, "num_sample"), ({"mask_type": "x"}, "mask_type"),
+                       ({"num_workers": -1}, "num_workers"), ({"remainder": "wrap"}, "remainder"),
+                       ({"num_frames": 0}, "num_frames")]:  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            LoaderConfig(manifest=uneven, **bad)
+    with pytest.raises(ValueError, match="manifest"):
+        LoaderConfig()
+    with pytest.raises(ValueError, match="no full batch"):
+        make_loader(small_cfg(uneven, batch_size=8), rank=0, world_size=4)
+    with pytest.raises(ValueError, match="rank"):
+        make_loader(small_cfg(uneven), rank=2, world_size=2)
+
+
+@pytest.mark.s3
+def test_reads_from_s3(s3_bucket):
+    url = storage.join(s3_bucket, "sets/tiny")
+    make_shard_set(url, 6, 2)
+    loader = make_loader(small_cfg(url, num_workers=1), rank=0, world_size=1)
+    keys = [k for b in run_epoch(loader) for k in b[0]]
+    assert sorted(keys) == [f"vid{i:05d}" for i in range(6)] and loader.stats["skipped"] == 0
