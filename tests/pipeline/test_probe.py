@@ -85,16 +85,14 @@ def test_probe_rotations(rotation):
     assert probe(video_bytes("rotated", rotation=rotation, frames=2)).rotation == rotation
 
 
-def test_normalize_rotation():
-    assert [normalize_rotation(a) for a in (0, -90, 90.4, 180, -180, 270, 360)] == [
-        0,
-        270,
-        90,
-        180,
-        180,
-        270,
-        0,
-    ]
+@pytest.mark.parametrize(
+    "angle, expected", [(0, 0), (-90, 270), (90.4, 90), (180, 180), (-180, 180), (360, 0)]
+)
+def test_normalize_rotation(angle, expected):
+    assert normalize_rotation(angle) == expected
+
+
+def test_normalize_rotation_rejects_oblique():
     with pytest.raises(ProbeError, match="multiple of 90"):
         normalize_rotation(45)
 
