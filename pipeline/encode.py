@@ -43,7 +43,12 @@ def encode_mp4(
         stream = out.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
         if codec == "libx264":
-            stream.options = {"crf": str(crf), "preset": preset, "g": str(gop), "keyint_min": str(gop)}
+            # mbtree off: with it, this x264 build's SIMD path makes the same frames encode to different
+            # bytes from run to run (seen on ~1 clip in 12); without it, encoding is deterministic.
+            stream.options = {
+                "crf": str(crf), "preset": preset, "g": str(gop), "keyint_min": str(gop),
+                "x264-params": "mbtree=0",
+            }  # fmt: skip
             stream.codec_context.gop_size = gop
         stream.thread_count = threads
         for frame in frames_THWC:
