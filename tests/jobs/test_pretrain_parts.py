@@ -138,3 +138,39 @@ def test_reconstruction_grid_writes_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="shapes disagree"):
         save_reconstruction_grid(str(path), video, mask[:2], video)
+
+
+@pytest.mark.parametrize("name", ["debug", "vit_s", "vit_b", "vit_l"])
+def test_every_pretrain_yaml_loads_and_is_consistent(name):
+    from jobs.config import load_config
+    from jobs.optim import batch_plan, schedule_samples
+    from jobs.pretrain_config import PretrainConfig
+
+    cfg = load_config(PretrainConfig, f"configs/pretrain/{name}.yaml")
+    model = cfg.model.build()
+    assert (model.num_frames, model.img_size) == (cfg.loader.num_frames, cfg.loader.input_size)
+    plan = batch_plan(cfg.optim, per_worker_batch=cfg.loader.batch_size, world_size=cfg.scaling.num_workers)
+    if name == "debug":
+        assert model.img_size == 32 and cfg.scaling.num_workers == 2 and not cfg.scaling.use_gpu
+        return
+    assert plan.global_batch == 1024 and plan.peak_lr == pytest.approx(6e-4)  # paper: 1.5e-4 x 1024 / 256
+    assert model.mask_ratio == 0.9 and (model.num_frames, model.img_size) == (16, 224)
+    assert schedule_samples(cfg.schedule, dataset_size=240_000, nominal_global_batch=1024) == (
+        40 * 240_000,
+        800 * 240_000,
+    )
+    assert cfg.parallel.strategy == ("fsdp" if name == "vit_l" else "ddp")
+
+
+def test_pretrain_config_rejects_model_loader_mismatch():
+    from jobs.config import load_config
+    from jobs.pretrain_config import PretrainConfig
+
+    with pytest.raises(ValueError, match="num_frames"):
+        load_config(PretrainConfig, "configs/pretrain/debug.yaml", ["loader.num_frames=8"])
+    with pytest.raises(ValueError, match="unknown model config"):
+        load_config(PretrainConfig, "configs/pretrain/debug.yaml", ["model.name=vit_z"])
+    with pytest.raises(ValueError, match="min_workers"):
+        load_config(PretrainConfig, "configs/pretrain/debug.yaml", ["scaling.min_workers=3"])
+    with pytest.raises(ValueError, match="fault"):
+        load_config(PretrainConfig, "configs/pretrain/debug.yaml", ["fault.rank=1"])

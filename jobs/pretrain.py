@@ -1,0 +1,152 @@
+"""``vmae pretrain --config configs/pretrain/<name>.yaml [k=v ...] [--address ADDR] [--resume]``.
+
+Wires ``PretrainConfig`` into a Ray Train V2 ``TorchTrainer``: workers (gloo on CPU, NCCL on GPU), elastic
+``ScalingConfig(num_workers=(min, max))``, ``FailureConfig`` (worker failures and node preemptions are retried
+from the latest checkpoint), ``CheckpointConfig(num_to_keep=K)``, storage on a local folder or S3.
+
+Resume: Ray Train V2 dropped ``resume_from_checkpoint=``; a run started again with the same ``name`` and
+``storage_path`` restores its checkpoint list from the run directory and hands the latest checkpoint to the
+workers. So ``--resume`` means "reuse that run directory"; without it an existing run directory is refused,
+so a typo'd name never silently continues (or clobbers) another run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import tempfile
+from typing import Any
+
+from jobs.config import load_config, save_config, to_dict
+from jobs.pretrain_config import PretrainConfig
+from pipeline import storage
+
+AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML under configs/pretrain/")
+    parser.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. optim.base_lr=1e-4")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in storage_path/name")
+
+
+def storage_filesystem(storage_path: str) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) for Ray Train. S3 URLs get an explicit pyarrow S3
+    filesystem so a custom endpoint (``AWS_ENDPOINT_URL``: MinIO, moto) is honoured."""
+    if storage.protocol(storage_path) not in ("s3", "s3a"):
+        return os.path.abspath(storage_path) if storage.protocol(
+            storage_path
+        ) == "file" else storage_path, None
+    import pyarrow.fs
+
+    opts = storage.storage_options(storage_path)
+    endpoint = opts.get("endpoint_url")
+    kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+    if endpoint:
+        scheme, host = endpoint.split("://", 1) if "://" in endpoint else ("https", endpoint)
+        kwargs.update(endpoint_override=host, scheme=scheme)
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kwargs.update(
+            access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY")
+        )
+    return storage_path.split("://", 1)[1].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def run_exists(cfg: PretrainConfig) -> bool:
+    """Whether ``storage_path/name`` already holds a Ray Train run (its checkpoint-manager snapshot or a
+    checkpoint)."""
+    from jobs.checkpointing import latest_checkpoint_dir
+
+    if latest_checkpoint_dir(cfg.run_url) is not None:
+        return True
+    fs, path = storage.get_fs(cfg.run_url)
+    try:
+        return any("checkpoint_manager_snapshot" in p for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return False
+
+
+def local_log_dir(cfg: PretrainConfig) -> str:
+    """Where rank 0 writes metrics.jsonl / TensorBoard / PNGs: ``<run dir>/logs`` on local storage, a local
+    folder for remote storage (synced to ``<run dir>/logs`` when the run ends)."""
+    if storage.protocol(cfg.storage_path) == "file":
+        return os.path.join(os.path.abspath(cfg.storage_path), cfg.name, "logs")
+    tag = hashlib.sha1(cfg.run_url.encode()).hexdigest()[:10]
+    return os.path.join(tempfile.gettempdir(), "vmae-runs", f"{cfg.name}-{tag}", "logs")
+
+
+def fit(cfg: PretrainConfig, *, resume: bool = False) -> Any:
+    """Run (or continue) pretraining; returns the ``ray.train.Result``. Starts a local Ray if none is up."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.train_loop import train_loop_per_worker
+
+    exists = run_exists(cfg)
+    if exists and not resume:
+        raise ValueError(
+            f"run {cfg.run_url!r} already exists; pass --resume to continue it or choose another name"
+        )
+    if resume and not exists:
+        raise ValueError(f"--resume: no checkpoint found in {cfg.run_url!r}; drop --resume to start the run")
+    save_config(cfg, cfg.run_url, name="config.resume.yaml" if resume else "config.yaml")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+
+    s = cfg.scaling
+    num_workers = (s.min_workers, s.num_workers) if s.min_workers is not None else s.num_workers
+    scaling = ray.train.ScalingConfig(
+        num_workers=num_workers,
+        use_gpu=s.use_gpu,
+        resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
+        placement_strategy=s.placement_strategy,
+        elastic_resize_monitor_interval_s=s.elastic_resize_monitor_interval_s,
+    )
+    f = cfg.failure
+    failure = ray.train.FailureConfig(
+        max_failures=f.max_failures,
+        max_preemption_failures=f.max_preemption_failures,
+        preemption_grace_s=f.preemption_grace_s,
+        relax_collectives_on_preemption=f.relax_collectives_on_preemption,
+    )
+    path, fs = storage_filesystem(cfg.storage_path)
+    env = {k: os.environ[k] for k in AWS_ENV if k in os.environ}
+    run_config = ray.train.RunConfig(
+        name=cfg.name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=failure,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+        worker_runtime_env={"env_vars": env} if env else None,
+    )
+    log_dir = local_log_dir(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "log_dir": log_dir},
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=scaling,
+        run_config=run_config,
+    )
+    result = trainer.fit()
+    if storage.protocol(cfg.storage_path) != "file" and os.path.isdir(log_dir):
+        fs_remote, remote = storage.get_fs(storage.join(cfg.run_url, "logs"))
+        fs_remote.put(log_dir + "/", remote, recursive=True)
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    if args.address:
+        import ray
+
+        ray.init(address=args.address)
+    result = fit(cfg, resume=args.resume)
+    metrics = result.metrics or {}
+    print(
+        f"pretrain {cfg.name}: step {metrics.get('step')} loss {metrics.get('loss')} "
+        f"checkpoint {result.checkpoint.path if result.checkpoint else None}"
+    )
+    return 0
