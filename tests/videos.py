@@ -14,7 +14,10 @@ one flat grey level ``index_level(i)`` so a test can tell which source frame an 
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
+import sys
 from fractions import Fraction
 
 import av
@@ -88,6 +91,17 @@ def encode(
 ) -> bytes:
     """Encode RGB frames [T, H, W, 3] with any PyAV encoder; ``pts_ms`` gives explicit (variable)
     timestamps in milliseconds; ``rotation`` writes a display matrix (counter-clockwise degrees)."""
+    if codec.startswith("libvpx") and "decord" in sys.modules:
+        kwargs = dict(
+            codec=codec,
+            container=container,
+            pix_fmt=pix_fmt,
+            fps=fps,
+            pts_ms=pts_ms,
+            rotation=rotation,
+            audio=audio,
+        )
+        return _encode_isolated(frames, kwargs)
     buf = io.BytesIO()
     _, h, w, _ = frames.shape
     with av.open(buf, mode="w", format=container) as out:
@@ -109,6 +123,24 @@ def encode(
         if astream is not None:
             _write_audio(out, astream, seconds=len(frames) / fps)
     return buf.getvalue()
+
+
+def _encode_isolated(frames: np.ndarray, kwargs: dict) -> bytes:
+    """``encode`` in a fresh interpreter. decord loads its bundled (older) libvpx with RTLD_GLOBAL, and from
+    then on PyAV's libvpx-vp9 encoder in this process fails to open (EINVAL)."""
+    buf = io.BytesIO()
+    np.save(buf, frames)
+    code = (
+        "import io, json, sys; import numpy as np; from tests.videos import encode; "
+        "sys.stdout.buffer.write(encode(np.load(io.BytesIO(sys.stdin.buffer.read())), **json.loads(sys.argv[1])))"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(kwargs)], input=buf.getvalue(), capture_output=True, cwd=root
+    )
+    if out.returncode:
+        raise RuntimeError(f"isolated encode failed: {out.stderr.decode()[-500:]}")
+    return out.stdout
 
 
 def _write_audio(out, astream, *, seconds: float) -> None:
