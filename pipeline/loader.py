@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import manifest as mf
+from pipeline import storage
 from pipeline.clips import ClipSpec, collate_clips
 from pipeline.decode import stream_in_order
 from pipeline.storage import StorageConfig
@@ -132,7 +133,7 @@ def load_shards(cfg: LoaderConfig) -> list[ShardKeys]:
     if all(s.keys for s in m.shards):
         per_shard = [list(s.keys) for s in m.shards]
     else:
-        t = mf.read_table(mf.storage.join(m.root, mf.INDEX_NAME), cfg.storage).to_pydict()
+        t = mf.read_table(storage.join(m.root, mf.INDEX_NAME), cfg.storage).to_pydict()
         by_name: dict[str, list[tuple[int, str]]] = {s.name: [] for s in m.shards}
         offsets = t.get("offset") or list(range(len(t["key"])))
         for key, shard, off in zip(t["key"], t["shard"], offsets, strict=True):
