@@ -1,0 +1,172 @@
+"""VideoMAE model config: one frozen dataclass, the paper's sizes as named factories, a ``tiny`` debug size.
+
+Why here: the model, FLOP counter, checkpoint loader and every job build from the same validated config, and
+jobs make one by name (``get_config("vit_b", drop_path_rate=0.1)``) or from YAML through ``jobs.config``.
+
+Token grid: a clip ``[C, T, H, W]`` becomes ``T' x H' x W'`` tubelets with ``T' = T / tubelet_size`` and
+``H' = H / patch_size`` (same for W); tokens are ordered ``(t, h, w)`` as in the official implementation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+MASK_TYPES = ("tube", "random")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VideoMAEConfig:
+    """Architecture + pretraining-objective settings (defaults: ViT-B, 16x224x224, tube mask 0.9)."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    num_frames: int = 16
+    tubelet_size: int = 2
+    in_chans: int = 3
+    encoder_width: int = 768
+    encoder_depth: int = 12
+    encoder_heads: int = 12
+    decoder_width: int = 384
+    decoder_depth: int = 4
+    decoder_heads: int = 6
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.0
+    mask_ratio: float = 0.9
+    mask_type: str = "tube"
+    norm_pix_loss: bool = True
+
+    def __post_init__(self) -> None:
+        positive = (
+            "img_size patch_size num_frames tubelet_size in_chans encoder_width encoder_depth "
+            "encoder_heads decoder_width decoder_depth decoder_heads"
+        ).split()
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"model.{name} must be a positive int, got {value!r}")
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"model.img_size ({self.img_size}) must be divisible by patch_size ({self.patch_size})"
+            )
+        if self.num_frames % self.tubelet_size:
+            raise ValueError(
+                f"model.num_frames ({self.num_frames}) must be divisible by tubelet_size ({self.tubelet_size})"
+            )
+        for side in ("encoder", "decoder"):
+            width, heads = getattr(self, f"{side}_width"), getattr(self, f"{side}_heads")
+            if width % heads:
+                raise ValueError(f"model.{side}_width ({width}) must be divisible by {side}_heads ({heads})")
+        if not self.mlp_ratio > 0 or int(self.encoder_width * self.mlp_ratio) <= 0:
+            raise ValueError(f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"model.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.mask_type not in MASK_TYPES:
+            raise ValueError(f"model.mask_type must be one of {MASK_TYPES}, got {self.mask_type!r}")
+        if self.mask_type == "tube" and round(self.mask_ratio * self.grid[1] * self.grid[2]) == 0:
+            raise ValueError(
+                f"model.mask_ratio {self.mask_ratio} masks no token of a {self.grid[1]}x{self.grid[2]} grid"
+            )
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Token grid ``(T', H', W')``."""
+        side = self.img_size // self.patch_size
+        return self.num_frames // self.tubelet_size, side, side
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens per clip, ``T' * H' * W'``."""
+        t, h, w = self.grid
+        return t * h * w
+
+    @property
+    def patch_dim(self) -> int:
+        """Pixels a token predicts: ``tubelet * patch * patch * in_chans``."""
+        return self.tubelet_size * self.patch_size * self.patch_size * self.in_chans
+
+    @property
+    def num_masked(self) -> int:
+        """Masked tokens per clip for ``mask_type``/``mask_ratio`` (exact; both mask types keep it fixed)."""
+        t, h, w = self.grid
+        if self.mask_type == "tube":
+            return t * round(self.mask_ratio * h * w)
+        return round(self.mask_ratio * t * h * w)
+
+    @property
+    def encoder_mlp_hidden(self) -> int:
+        return int(self.encoder_width * self.mlp_ratio)
+
+    @property
+    def decoder_mlp_hidden(self) -> int:
+        return int(self.decoder_width * self.mlp_ratio)
+
+
+def _make(defaults: dict, overrides: dict) -> VideoMAEConfig:
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(VideoMAEConfig)})
+    if unknown:
+        raise ValueError(f"unknown model config field(s) {unknown}")
+    return VideoMAEConfig(**{**defaults, **overrides})
+
+
+def tiny(**overrides) -> VideoMAEConfig:
+    """Debug size: 4x32x32 clips, patch 8, width 64, depth 2 — one CPU train step in milliseconds."""
+    defaults = dict(
+        img_size=32,
+        patch_size=8,
+        num_frames=4,
+        tubelet_size=2,
+        encoder_width=64,
+        encoder_depth=2,
+        encoder_heads=4,
+        decoder_width=32,
+        decoder_depth=1,
+        decoder_heads=2,
+        mask_ratio=0.75,
+    )
+    return _make(defaults, overrides)
+
+
+def vit_s(**overrides) -> VideoMAEConfig:
+    """ViT-S/16 (paper): width 384, depth 12, 6 heads; decoder 4 x 384, 6 heads."""
+    return _make(dict(encoder_width=384, encoder_depth=12, encoder_heads=6), overrides)
+
+
+def vit_b(**overrides) -> VideoMAEConfig:
+    """ViT-B/16 (paper): width 768, depth 12, 12 heads; decoder 4 x 384, 6 heads."""
+    return _make(dict(encoder_width=768, encoder_depth=12, encoder_heads=12), overrides)
+
+
+def vit_l(**overrides) -> VideoMAEConfig:
+    """ViT-L/16 (paper): width 1024, depth 24, 16 heads; decoder 4 x 512, 8 heads."""
+    defaults = dict(
+        encoder_width=1024, encoder_depth=24, encoder_heads=16, decoder_width=512, decoder_heads=8
+    )
+    return _make(defaults, overrides)
+
+
+def vit_h(**overrides) -> VideoMAEConfig:
+    """ViT-H/16 (paper): width 1280, depth 32, 16 heads; decoder 4 x 512, 8 heads."""
+    defaults = dict(
+        encoder_width=1280, encoder_depth=32, encoder_heads=16, decoder_width=512, decoder_heads=8
+    )
+    return _make(defaults, overrides)
+
+
+CONFIGS: dict[str, Callable[..., VideoMAEConfig]] = {
+    "tiny": tiny,
+    "vit_s": vit_s,
+    "vit_b": vit_b,
+    "vit_l": vit_l,
+    "vit_h": vit_h,
+}
+
+
+def get_config(name: str, **overrides) -> VideoMAEConfig:
+    """Config ``name`` (a key of ``CONFIGS``) with field overrides, e.g. ``get_config("vit_b", mask_ratio=0.75)``."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model config {name!r}; known: {sorted(CONFIGS)}")
+    return CONFIGS[name](**overrides)
