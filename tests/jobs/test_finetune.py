@@ -1,0 +1,224 @@
+"""Finetuning recipe pieces against independent computations, and an end-to-end debug run on a local 2-CPU Ray
+cluster (tiny model, 32 px, 4 frames) that must beat chance clearly on held-out videos after a stop + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from timm.data import Mixup
+
+from jobs.config import load_config, save_config
+from jobs.finetune_config import AugmentSection, FinetuneConfig
+from jobs.finetune_loop import (
+    build_finetune_optimizer,
+    init_classifier,
+    layer_decay_groups,
+    layer_id,
+    make_criterion,
+    mix_clips,
+    valid_rows,
+)
+from jobs.optim import OptimConfig, SampleCosineSchedule
+from jobs.pretrain_config import PretrainConfig
+from model import VideoMAE, VideoMAEClassifier, get_config, save_checkpoint
+from model.checkpoint import official_state_dict
+from tests.pipeline import shardset_helpers
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+DEBUG = os.path.join(ROOT, "configs", "finetune", "debug.yaml")
+COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [140, 140, 140]], np.float32)
+
+
+def _cfg(*overrides: str) -> FinetuneConfig:
+    return load_config(FinetuneConfig, DEBUG, ["loader.manifest=unused/manifest.json", *overrides])
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs", "finetune"))))
+def test_every_finetune_yaml_loads(name):
+    cfg = load_config(FinetuneConfig, os.path.join(ROOT, "configs", "finetune", name))
+    assert cfg.loader.mask_type == "none" and cfg.num_classes >= 2
+
+
+def test_config_rejects_bad_input():
+    with pytest.raises(ValueError, match="mask_type"):
+        _cfg("loader.mask_type=tube")
+    with pytest.raises(ValueError, match="batch_size must be even"):
+        _cfg("loader.batch_size=3", "loader.num_sample=1")
+    with pytest.raises(ValueError, match="num_frames"):
+        _cfg("loader.num_frames=8")
+    with pytest.raises(ValueError, match="layer_decay"):
+        _cfg("layer_decay=0")
+
+
+def test_layer_decay_groups_follow_the_official_numbering():
+    model = VideoMAEClassifier(get_config("tiny"), 4)  # depth 2 -> 4 layers: embed, block 0, block 1, head
+    groups = layer_decay_groups(model, weight_decay=0.05, layer_decay=0.5, no_weight_decay=("*q_bias",))
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    want_scale = {0: 0.125, 1: 0.25, 2: 0.5, 3: 1.0}  # 0.5 ** (depth + 1 - layer)
+    for name, p in model.named_parameters():
+        g = by_param[id(p)]
+        layer = 0 if "patch_embed" in name else (int(name.split(".")[2]) + 1 if ".blocks." in name else 3)
+        assert layer_id(name, 2) == layer
+        assert g["lr_scale"] == want_scale[layer], name
+        assert g["weight_decay"] == (0.0 if p.ndim == 1 or name.endswith("q_bias") else 0.05), name
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    opt = build_finetune_optimizer(model, OptimConfig(base_lr=1e-3), layer_decay=0.5, lr=1.0)
+    SampleCosineSchedule(opt, peak_lr=2.0, warmup_samples=0, total_samples=10).step(0)
+    assert sorted({g["lr"] for g in opt.param_groups}) == [0.25, 0.5, 1.0, 2.0]
+
+
+def test_cutmix_cuts_the_same_box_from_every_frame_and_channel():
+    torch.manual_seed(0)
+    video = torch.arange(4, dtype=torch.float32)[:, None, None, None, None].expand(4, 3, 4, 16, 16).clone()
+    labels = torch.tensor([0, 1, 2, 3])
+    mixup = Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.0, num_classes=4)
+    mixed, target = mix_clips(mixup, video, labels)
+    assert mixed.shape == video.shape
+    for b in range(4):
+        from_partner = mixed[b] == float(3 - b)  # batch mode pairs b with B-1-b (flip)
+        box = from_partner[0, 0]
+        assert (from_partner == box).all(), "the box must be identical in every channel and frame"
+        lam = 1.0 - box.float().mean().item()  # area kept from the sample itself
+        assert target[b, b] == pytest.approx(lam, abs=1e-6) and target[b, 3 - b] == pytest.approx(
+            1 - lam, abs=1e-6
+        )
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.0, num_classes=4)
+    mixed, target = mix_clips(mixup, video, labels)
+    lam = target[0, 0].item()
+    assert torch.allclose(mixed[0], lam * video[0] + (1 - lam) * video[3])
+
+
+def test_criterion_matches_the_recipe():
+    logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    smooth = make_criterion(AugmentSection(mixup_alpha=0, cutmix_alpha=0, label_smoothing=0.1))
+    soft = torch.full((6, 4), 0.1 / 4).scatter_(1, labels[:, None], 0.9 + 0.1 / 4)
+    assert smooth(logits, labels).item() == pytest.approx(
+        -(soft * logits.log_softmax(1)).sum(1).mean().item(), rel=1e-5
+    )
+    plain = make_criterion(AugmentSection(mixup_alpha=0, cutmix_alpha=0, label_smoothing=0.0))
+    assert plain(logits, labels).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, labels).item()
+    )
+
+
+def test_valid_rows_drop_stand_ins_and_keep_batches_even():
+    label, valid = torch.tensor([0, 1, -1, 3, 2]), torch.tensor([True, True, False, True, True])
+    assert valid_rows(label, valid, num_classes=4, even=False, keys=list("abcde")).tolist() == [0, 1, 3, 4]
+    assert valid_rows(
+        label,
+        valid.clone().index_fill_(0, torch.tensor([4]), False),
+        num_classes=4,
+        even=True,
+        keys=list("abcde"),
+    ).tolist() == [0, 1]
+    with pytest.raises(ValueError, match="'d' has label 3"):
+        valid_rows(label, valid, num_classes=3, even=False, keys=list("abcde"))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    torch.manual_seed(1)
+    model = VideoMAE(get_config("tiny"))
+    root = tmp_path_factory.mktemp("pretrained")
+    save_checkpoint(model, str(root / "vmae"))
+    torch.save({"model": official_state_dict(model)}, root / "official.pth")
+    # a pretrain run's Ray checkpoint: <run>/config.yaml + <run>/step_*/{model.pt, trainer.pt}
+    save_config(
+        load_config(PretrainConfig, os.path.join(ROOT, "configs", "pretrain", "debug.yaml")),
+        str(root / "run"),
+    )
+    step = root / "run" / "step_00000004"
+    step.mkdir()
+    torch.save(model.state_dict(), step / "model.pt")
+    torch.save({}, step / "trainer.pt")
+    return model, root
+
+
+@pytest.mark.parametrize("source", ["vmae", "official.pth", "run", "run/step_00000004"])
+def test_init_classifier_copies_the_pretrained_encoder(pretrained, source):
+    model, root = pretrained
+    clf, info = init_classifier(_cfg(f"pretrained={root / source}"))
+    want = model.state_dict()
+    for k, v in clf.state_dict().items():
+        if k.startswith("encoder."):
+            assert torch.equal(v, want[k]), k
+    assert "encoder_to_decoder.weight" in info["ignored"] and info["kind"] == "pretrain"
+
+
+def test_init_classifier_rejects_a_different_architecture(pretrained):
+    _, root = pretrained
+    with pytest.raises(ValueError, match="does not fit model"):
+        init_classifier(_cfg(f"pretrained={root / 'vmae'}", "model.overrides.encoder_width=32"))
+    with pytest.raises(ValueError, match="does not exist"):
+        init_classifier(_cfg(f"pretrained={root / 'nothing'}"))
+
+
+def class_frames(i: int, frames: int, width: int, height: int, pattern: str) -> np.ndarray:
+    """Video ``i`` of class ``i % 4``: a class colour, per-video brightness, noise and a moving bar."""
+    rng = np.random.default_rng(i)
+    x = COLOURS[i % 4] * rng.uniform(0.7, 1.2) + rng.normal(0, 25, (frames, height, width, 3))
+    for t in range(frames):
+        col = (3 * t + 7 * i) % width
+        x[t, :, col : col + 6] += 50
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def class_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("class_shards")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shardset_helpers, "video_frames", class_frames)
+        shardset_helpers.make_shard_set(
+            str(root / "train"), 48, 4, frames=12, width=64, height=48, num_classes=4
+        )
+        shardset_helpers.make_shard_set(
+            str(root / "val"), 20, 2, frames=12, width=64, height=48, num_classes=4, prefix="val"
+        )
+    return str(root / "train" / "manifest.json"), str(root / "val" / "manifest.json")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_debug_finetune_stops_resumes_and_beats_chance(class_shards, pretrained, tmp_path):
+    import ray
+
+    from jobs.evaluate import EvalConfig, SplitSection, evaluate
+    from jobs.finetune import fit
+    from jobs.metrics import read_metrics
+
+    train, val = class_shards
+    _, root = pretrained
+    args = [f"storage_path={tmp_path}", f"loader.manifest={train}", f"pretrained={root / 'vmae'}"]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        first = fit(load_config(FinetuneConfig, DEBUG, [*args, "stop_at_step=12"]))
+        assert first.metrics["step"] == 12
+        assert not os.path.exists(tmp_path / "finetune-debug" / "final"), "a stopped run is not final"
+        with pytest.raises(ValueError, match="already exists"):
+            fit(load_config(FinetuneConfig, DEBUG, args))
+        result = fit(load_config(FinetuneConfig, DEBUG, args), resume=True)
+    finally:
+        ray.shutdown()
+    assert result.metrics["step"] == 24 and result.metrics["samples_seen"] == 24 * 8  # 8 videos per step
+    recs = read_metrics(str(tmp_path / "finetune-debug" / "logs" / "metrics.jsonl"))
+    assert list(recs) == [4, 8, 12, 16, 20, 24]
+    assert recs[24]["loss"] < recs[4]["loss"], recs
+    final = str(tmp_path / "finetune-debug" / "final")
+    meta = json.loads(open(os.path.join(final, "vmae.json")).read())
+    assert meta["kind"] == "classifier" and meta["num_classes"] == 4
+    report = evaluate(
+        EvalConfig(
+            checkpoint=final,
+            output=str(tmp_path / "eval.json"),
+            test=SplitSection(manifest=val),
+            view_sets=((2, 3),),
+            sampling_rate=2,
+            actors=0,
+        )
+    )
+    assert report["samples"]["test"]["videos"] == 20
+    assert report["multiview"]["2x3"]["top1"] >= 0.6, report  # chance is 0.25
