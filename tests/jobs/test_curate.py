@@ -1,0 +1,183 @@
+import glob
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from jobs.cli import main
+from jobs.config import load_config
+from jobs.curate import CurateConfig, add_dup_groups, curation_url, run_curation, summarize
+from pipeline import manifest
+from pipeline.quality import CURATION_SCHEMA, QualityConfig
+from pipeline.shards import ShardConfig, ShardSample, write_shard
+from pipeline.synth import DEFECTS, DefectFractions, SynthConfig, synthesize
+
+SYNTH = SynthConfig(
+    seed=3, domains=("textures", "shapes", "gradients"), classes=("right", "up", "rotate_cw", "zoom_out"),
+    videos_per_class=2, sizes=((64, 64), (96, 64)), frames=(16,), fps=(15.0,), workers=1,
+    defects=DefectFractions(**{d: 1 / 24 for d in DEFECTS}),
+)  # fmt: skip
+
+
+def _key(path: str) -> str:
+    return path.removesuffix(".mp4").replace("/", "_")
+
+
+def build_shard_set(synth_dir: str, clips: pd.DataFrame, out: str, *, per_shard: int = 7) -> str:
+    """Pack synthesized ``clips`` into a shard set (shards, index.parquet, manifest.json last) as the shard
+    job does, without transcoding, plus one undecodable sample. Returns the manifest URL."""
+    samples = []
+    for r in clips.to_dict("records"):
+        url = f"{synth_dir}/{r['path']}"
+        meta = {k: r[k] for k in ("fps", "frames", "width", "height", "label", "domain")} | {
+            "source": r["path"]
+        }
+        size = os.path.getsize(url)
+        samples.append(
+            ShardSample(key=_key(r["path"]), mp4_url=url, mp4_size=size, meta=meta, label=r["label"])
+        )
+    with open(f"{out}-garbage.mp4", "wb") as f:
+        f.write(b"\x00not a video" * 50)
+    meta = {"domain": "shapes"}
+    samples.append(
+        ShardSample(key="zz_garbage", mp4_url=f"{out}-garbage.mp4", mp4_size=600, meta=meta, label=0)
+    )
+    infos, index = [], []
+    for i in range(0, len(samples), per_shard):
+        chunk = samples[i : i + per_shard]
+        info, spans = write_shard(chunk, f"{out}/shard-{i // per_shard:06d}.tar", ShardConfig())
+        infos.append(info)
+        for s in chunk:
+            row = {c: None for c in manifest.INDEX_COLUMNS}
+            offset, size = spans[s.key]
+            row.update(
+                key=s.key, shard=info.name, offset=offset, size=size, label=s.label, domain=s.meta["domain"]
+            )
+            index.append(row)
+    manifest.write_table_atomic(f"{out}/{manifest.INDEX_NAME}", pa.Table.from_pylist(index))
+    m = manifest.Manifest(
+        shards=tuple(infos), num_samples=len(samples), config={}, code_version="test", created="now"
+    )
+    manifest.write_manifest(f"{out}/{manifest.MANIFEST_NAME}", m)
+    return f"{out}/{manifest.MANIFEST_NAME}"
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("curate")
+    synth = synthesize(SYNTH, str(root / "raw")).to_pandas()
+    return synth, build_shard_set(str(root / "raw"), synth, str(root / "shards")), root
+
+
+@pytest.mark.slow
+def test_curate_job_end_to_end(shard_set, tmp_path, capsys):
+    synth, manifest_url, _ = shard_set
+    out = str(tmp_path / "cur")
+    assert (
+        main(["curate", "--shards", manifest_url, "--output", out, "--config", "configs/curate/debug.yaml"])
+        == 0
+    )
+    assert '"num_samples": 25' in capsys.readouterr().out
+    table = manifest.read_table(curation_url(out))
+    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+    assert (
+        meta["source_manifest"] == manifest_url and json.loads(meta["config"])["quality"]["num_frames"] == 6
+    )
+    df = table.to_pandas()
+    m = manifest.read_manifest(manifest_url)
+    assert df.key.tolist() == [k for s in m.shards for k in s.keys]  # every sample, in shard order
+
+    bad = df.set_index("key").loc["zz_garbage"]
+    assert "undecodable" in bad.error and bad.quality_score == 0
+    df = df[df.key != "zz_garbage"].set_index("key")
+    truth = synth.assign(key=synth.path.map(_key)).set_index("key").loc[df.index]
+    assert (df.error == "").all() and (df.decoder == "decord").all()
+    assert (df.label == truth.label).all() and (df.domain == truth.domain).all()
+    assert (df.width == truth.width).all() and (df.height == truth.height).all() and (df.frames == 16).all()
+    assert np.allclose(df.duration, 16 / 15)
+    clean = truth.defect == ""
+    assert df.is_static[truth.defect == "static"].all() and not df.is_static[clean].any()
+    assert df.has_black[truth.defect == "black"].all() and not df.has_black[clean].any()
+    assert df.is_dark[truth.defect == "dark"].all() and not df.is_dark[clean].any()
+    for key in truth.index[truth.duplicate_of != ""]:
+        assert df.dup_group[key] == df.dup_group[_key(truth.duplicate_of[key])]
+    copies = truth.index[truth.duplicate_of != ""].tolist() + [_key(p) for p in truth.duplicate_of if p]
+    assert (df.drop(index=copies).dup_group_size == 1).all()  # no false merges
+    summary = json.loads(meta["summary"])
+    assert summary["errors"] == 1 and summary["static"] >= 1 and summary["removable_duplicates"] == 2
+    assert summary["missing_keys"] == 0 and set(summary["per_domain"]) == set(SYNTH.domains)
+
+    sub_url = str(tmp_path / "clean.parquet")
+    rule = ["--config", "configs/curate/subsets/clean.yaml"]
+    assert main(["subset", "--curation", curation_url(out), "--output", sub_url, *rule]) == 0
+    sub = manifest.read_subset(sub_url)
+    chosen = truth.loc[list(sub.keys)]
+    assert not set(chosen.defect) & {"static", "dark", "black"} and "zz_garbage" not in sub.keys
+    assert chosen.groupby(df.dup_group[list(sub.keys)]).size().max() == 1
+    assert sub.source_manifest == manifest_url
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_missing_shard_fails_the_job(shard_set, ray_cluster, tmp_path):
+    _, manifest_url, root = shard_set
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    m = manifest.read_manifest(manifest_url)
+    for s in m.shards[1:]:  # shard 0 is missing
+        os.link(m.shard_url(s), broken / s.name)
+    manifest.write_manifest(str(broken / "manifest.json"), m)
+    with pytest.raises(Exception, match="cannot open shard"):
+        run_curation(str(broken), str(tmp_path / "out"), CurateConfig(max_in_flight=1))
+    assert not os.path.exists(tmp_path / "out" / "curation.parquet")
+
+
+def test_add_dup_groups_and_summary():
+    rows = [
+        {"key": "a", "phash": [1, 2], "domain": "x", "quality_score": 0.5},
+        {
+            "key": "b",
+            "phash": [1, None],
+            "domain": "x",
+            "quality_score": 0.7,
+        },  # within 0 bits of a where valid
+        {"key": "c", "phash": [-1, 2**62], "domain": "y", "quality_score": 0.1},
+        {"key": "d", "phash": [None, None], "domain": "y", "quality_score": 0.0},  # all black: never grouped
+        {"key": "e", "phash": [], "domain": "y", "quality_score": 0.0, "error": "BadSample: x"},
+    ]
+    base = {"error": "", "is_static": False, "is_dark": False, "has_black": False, "decoder": "decord"}
+    table = add_dup_groups(pa.Table.from_pylist([{**base, **r} for r in rows], schema=CURATION_SCHEMA), 0)
+    assert table.column("dup_group").to_pylist() == [0, 0, 2, 3, 4]
+    assert table.column("dup_group_size").to_pylist() == [2, 2, 1, 1, 1]
+    s = summarize(table)
+    assert s["errors"] == 1 and s["dup_groups"] == 1 and s["removable_duplicates"] == 1
+    assert s["per_domain"]["x"] == {"samples": 2, "mean_quality": 0.6}
+
+
+def test_curation_url():
+    assert curation_url("s3://b/set/cur.parquet") == "s3://b/set/cur.parquet"
+    assert curation_url("s3://b/set/") == "s3://b/set/curation.parquet"
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/curate/*.yaml")))
+def test_curate_yamls_load(path):
+    cfg = load_config(CurateConfig, path)
+    assert isinstance(cfg.quality, QualityConfig) and cfg.max_in_flight >= 1
+
+
+def test_curate_config_validation():
+    with pytest.raises(ValueError, match="max_in_flight"):
+        load_config(CurateConfig, "configs/curate/default.yaml", ["max_in_flight=0"])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_frame'\]"):
+        load_config(CurateConfig, None, ["quality.num_frame=3"])
