@@ -251,42 +251,35 @@ def exit_code(status: JobStatus | str) -> int:
     return EXIT_CODES.get(str(status), 1)
 
 
-def _add_address(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--address",
-        default=None,
-        help=f"Ray dashboard URL (default: $RAY_ADDRESS, else {DEFAULT_ADDRESS})",
-    )
+_SUBMIT_FLAGS: tuple[tuple[str, dict], ...] = (
+    (
+        "--working-dir",
+        {"default": None, "help": "directory uploaded as the job's cwd (default: project root)"},
+    ),
+    ("--no-working-dir", {"action": "store_true", "help": "upload nothing; run the vmae of the image"}),
+    ("--exclude", {"action": "append", "default": [], "help": "extra gitignore-style upload exclude"}),
+    ("--pip", {"action": "append", "default": [], "help": "package to install for the job (repeat)"}),
+    ("--requirements", {"default": None, "help": "requirements.txt to install for the job"}),
+    ("--uv", {"action": "store_true", "help": "install --pip/--requirements with uv instead of pip"}),
+    ("--env", {"action": "append", "default": [], "help": "NAME=VALUE for the job (repeat)"}),
+    ("--no-aws-env", {"action": "store_true", "help": "do not forward the local AWS_* variables"}),
+    ("--python", {"default": "python", "help": "interpreter on the cluster (default: python)"}),
+    ("--entrypoint-num-cpus", {"type": float, "default": None, "help": "CPUs reserved for the driver"}),
+    ("--entrypoint-num-gpus", {"type": float, "default": None, "help": "GPUs reserved for the driver"}),
+    ("--job-id", {"default": None, "help": "submission id to use (default: generated)"}),
+    ("--raw", {"action": "store_true", "help": "run the command as is, not via `python -m jobs.cli`"}),
+    ("--no-wait", {"action": "store_true", "help": "print the job id and return"}),
+)
 
 
 def add_command_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     """Flags of ``vmae <name>`` for name in submit/status/logs/stop."""
-    _add_address(parser)
+    parser.add_argument(
+        "--address", default=None, help=f"Ray dashboard URL (default: $RAY_ADDRESS, else {DEFAULT_ADDRESS})"
+    )
     if name == "submit":
-        parser.add_argument(
-            "--working-dir", default=None, help="directory uploaded as the job's cwd (default: project root)"
-        )
-        parser.add_argument(
-            "--no-working-dir", action="store_true", help="upload nothing; run the image's vmae"
-        )
-        parser.add_argument(
-            "--exclude", action="append", default=[], help="extra gitignore-style upload exclude"
-        )
-        parser.add_argument(
-            "--pip", action="append", default=[], help="package to install for the job (repeat)"
-        )
-        parser.add_argument("--requirements", default=None, help="requirements.txt to install for the job")
-        parser.add_argument("--uv", action="store_true", help="install --pip/--requirements with uv")
-        parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the job (repeat)")
-        parser.add_argument("--no-aws-env", action="store_true", help="do not forward local AWS_* variables")
-        parser.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
-        parser.add_argument("--entrypoint-num-cpus", type=float, default=None)
-        parser.add_argument("--entrypoint-num-gpus", type=float, default=None)
-        parser.add_argument("--job-id", default=None, help="submission id to use (default: generated)")
-        parser.add_argument(
-            "--raw", action="store_true", help="run the command as is, not via `python -m jobs.cli`"
-        )
-        parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
+        for flag, kwargs in _SUBMIT_FLAGS:
+            parser.add_argument(flag, **kwargs)
         parser.add_argument("command", nargs=argparse.REMAINDER, help="-- <vmae subcommand and its args>")
     elif name == "status":
         parser.add_argument("job_id", nargs="?", default=None, help="job id (omit to list all jobs)")
@@ -323,20 +316,31 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
 
 
 def submit(
-    cfg: SubmitConfig, command: Sequence[str], *, raw: bool = False
+    cfg: SubmitConfig, command: Sequence[str], *, raw: bool = False, agent_wait_s: float = 60.0
 ) -> tuple[JobSubmissionClient, str]:
-    """Submit ``command`` as a Ray job; returns (client, job id)."""
+    """Submit ``command`` as a Ray job; returns (client, job id).
+
+    A head that just started answers "No available agent to submit job, please try again later" until
+    its job agent registers; that answer is retried for up to ``agent_wait_s`` seconds.
+    """
     entrypoint = build_entrypoint(command, raw=raw, python=cfg.python)
     runtime_env = build_runtime_env(cfg)
     client = connect(cfg.address)
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env=runtime_env,
-        submission_id=cfg.submission_id,
-        entrypoint_num_cpus=cfg.entrypoint_num_cpus,
-        entrypoint_num_gpus=cfg.entrypoint_num_gpus,
-    )
-    return client, job_id
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            job_id = client.submit_job(
+                entrypoint=entrypoint,
+                runtime_env=runtime_env,
+                submission_id=cfg.submission_id,
+                entrypoint_num_cpus=cfg.entrypoint_num_cpus,
+                entrypoint_num_gpus=cfg.entrypoint_num_gpus,
+            )
+            return client, job_id
+        except RuntimeError as e:
+            if "try again later" not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(1.0)
 
 
 def _print_jobs(client: JobSubmissionClient) -> None:
@@ -347,14 +351,16 @@ def _print_jobs(client: JobSubmissionClient) -> None:
 
 
 def _print_job(info) -> None:
+    def when(ms: int | None) -> str | None:
+        return ms and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1e3))
+
     fields = {
         "job_id": info.submission_id or info.job_id,
         "status": str(info.status),
         "entrypoint": info.entrypoint,
         "message": info.message,
-        "start_time": info.start_time
-        and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1e3)),
-        "end_time": info.end_time and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.end_time / 1e3)),
+        "start_time": when(info.start_time),
+        "end_time": when(info.end_time),
         "driver_exit_code": info.driver_exit_code,
     }
     for key, value in fields.items():
@@ -408,16 +414,21 @@ def _run(name: str, args: argparse.Namespace) -> int:
 
 def run_command(name: str, args: argparse.Namespace) -> int:
     """Run ``vmae <name>``; user-facing failures become one line on stderr and exit code 1."""
+    from ray.exceptions import AuthenticationError
+
     try:
         return _run(name, args)
     except ClusterUnreachableError as e:
         print(f"vmae {name}: {e}", file=sys.stderr)
         return 1
+    except AuthenticationError as e:
+        print(
+            f"vmae {name}: the cluster uses token auth; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN. {e}",
+            file=sys.stderr,
+        )
+        return 1
     except RuntimeError as e:  # the Jobs API answers unknown ids with a 404 RuntimeError
         if "404" in str(e) or "does not exist" in str(e):
-            print(
-                f"vmae {name}: no job {getattr(args, 'job_id', None)!r} on {args.address or 'the cluster'}: {e}",
-                file=sys.stderr,
-            )
+            print(f"vmae {name}: no job {getattr(args, 'job_id', None)!r} there: {e}", file=sys.stderr)
             return 1
         raise

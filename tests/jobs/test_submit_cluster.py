@@ -1,0 +1,265 @@
+"""`vmae submit/status/logs/stop` against a real two-node Ray cluster started on this machine.
+
+Both nodes are `ray start --block` processes in their own sessions: SIGTERM to them stops exactly this
+cluster (never a global `ray stop`, other tests may run their own Ray). A final sweep kills job drivers
+that Ray started in sessions of their own, found by the GCS address in their environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.dirname(sys.executable)
+
+# The job every cluster must pass: two live nodes, a task pinned to each, and the uploaded working_dir
+# (jobs/ present, .venv left out).
+NODE_CHECK = """
+import os, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+ray.init()
+alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+here = ray.remote(num_cpus=1)(lambda: ray.get_runtime_context().get_node_id())
+ran = ray.get([here.options(scheduling_strategy=On(n, soft=False)).remote() for n in alive])
+print("NODES", len(alive), "RAN_ON", len(set(ran)))
+print("UPLOAD", os.path.isfile("jobs/cli.py"), os.path.exists(".venv"))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class LocalCluster:
+    address: str  # dashboard URL for the Jobs API
+    gcs: str
+    temp_dir: str
+    procs: list[subprocess.Popen]
+    env: dict[str, str]
+
+    def get(self, endpoint: str) -> dict:
+        """GET a dashboard JSON endpoint with this cluster's token."""
+        token = {"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
+        with urllib.request.urlopen(
+            urllib.request.Request(self.address + endpoint, headers=token), timeout=5
+        ) as r:
+            return json.loads(r.read())
+
+    def vmae(
+        self, *argv: str, timeout: float = 90, extra_env: dict | None = None
+    ) -> subprocess.CompletedProcess:
+        """Run ``vmae <argv>`` (the real CLI, in a subprocess) against this cluster."""
+        cmd = [sys.executable, "-m", "jobs.cli", argv[0], "--address", self.address, *argv[1:]]
+        env = {**self.env, **(extra_env or {})}
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _ray_start(args: list[str], env: dict[str, str], log: str) -> subprocess.Popen:
+    node_ports = [
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+    ]
+    cmd = [os.path.join(BIN, "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1"]
+    cmd += ["--num-gpus=0", "--object-store-memory=80000000", "--disable-usage-stats", *node_ports, *args]
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait(what: str, ready, procs: list[subprocess.Popen], logs: list[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError(
+                f"ray start exited while waiting for {what}:\n" + "".join(open(x).read() for x in logs)
+            )
+        try:
+            if ready():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(
+        f"{what} not ready after {timeout} s:\n" + "".join(open(x).read()[-3000:] for x in logs)
+    )
+
+
+def _pids_of(cluster: LocalCluster) -> list[int]:
+    """Processes of this cluster still alive: job drivers carry its GCS address in RAY_ADDRESS (Linux /proc)."""
+    gcs, found = f"RAY_ADDRESS={cluster.gcs}".encode(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if gcs in environ or cluster.temp_dir.encode() in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _stop(cluster: LocalCluster) -> None:
+    """SIGTERM to each `ray start --block` (it stops its node's processes in order), worker node first;
+    SIGKILL to the process group of a node that does not stop; then kill stray job drivers."""
+    for p in reversed(cluster.procs):
+        if p.poll() is None:
+            p.terminate()
+    for p in reversed(cluster.procs):
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    for pid in _pids_of(cluster):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_cluster() -> Iterator[LocalCluster]:
+    """A head (with dashboard) and one worker node, 1 CPU each, on loopback with free ports."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")  # the entrypoint's `python` is this venv's
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Token auth on (Ray's default for new clusters), with a token of our own: ~/.ray/auth_token is shared
+    # with every other Ray on this machine; the vmae client must send the token too.
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)})
+    temp_dir = tempfile.mkdtemp(prefix="vmae-ray-", dir="/tmp")  # short: Unix socket paths are < 108 chars
+    gcs_port, dash_port = _free_port(), _free_port()
+    head_args = [
+        "--head",
+        f"--port={gcs_port}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash_port}",
+        f"--ray-client-server-port={_free_port()}",
+        f"--temp-dir={temp_dir}/h",
+    ]
+    logs = [os.path.join(temp_dir, "head.log"), os.path.join(temp_dir, "worker.log")]
+    cluster = LocalCluster(f"http://127.0.0.1:{dash_port}", f"127.0.0.1:{gcs_port}", temp_dir, [], env)
+    try:
+        cluster.procs.append(_ray_start(head_args, env, logs[0]))
+        _wait("the head's Jobs API", lambda: cluster.get("/api/version"), cluster.procs, logs[:1])
+        # Its own temp dir: nodes sharing one would share runtime_resources/, and the worker node's
+        # garbage collection of a job's working_dir would delete the driver's cwd on the head.
+        worker_args = [f"--address={cluster.gcs}", f"--temp-dir={temp_dir}/w"]
+        cluster.procs.append(_ray_start(worker_args, env, logs[1]))
+        nodes = lambda: cluster.get("/api/v0/nodes")["data"]["result"]["result"]  # noqa: E731
+        _wait(
+            "two alive nodes", lambda: sum(n["state"] == "ALIVE" for n in nodes()) == 2, cluster.procs, logs
+        )
+        yield cluster
+    finally:
+        _stop(cluster)
+
+
+def _job_id(stderr: str) -> str:
+    match = re.search(r"job (\S+) submitted to", stderr)
+    assert match, stderr
+    return match.group(1)
+
+
+# (vmae submit args, text the job's logs must show; None: what the same vmae command prints when run here).
+# The debug pretrain job joins this list once it exists.
+CLUSTER_JOBS = [
+    pytest.param(
+        ["--raw", "--", "python", "-c", NODE_CHECK], "NODES 2 RAN_ON 2\nUPLOAD True False", id="node-check"
+    ),
+    pytest.param(
+        ["--", "model-info", "--model", "tiny", "--json"],
+        None,
+        id="model-info",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("jobs.model_info") is None, reason="no jobs.model_info"
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("submit_args", "expected"), CLUSTER_JOBS)
+def test_submit_runs_to_success(local_cluster, submit_args, expected):
+    if expected is None:
+        argv = submit_args[submit_args.index("--") + 1 :]
+        here = subprocess.run(
+            [sys.executable, "-m", "jobs.cli", *argv], cwd=REPO, capture_output=True, text=True
+        )
+        assert here.returncode == 0 and here.stdout, here.stderr
+        expected = here.stdout
+    done = local_cluster.vmae("submit", *submit_args, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert expected in done.stdout, done.stdout  # streamed while the job ran
+    job_id = _job_id(done.stderr)
+    status = local_cluster.vmae("status", job_id)
+    assert status.returncode == 0 and "status: SUCCEEDED" in status.stdout, status.stdout + status.stderr
+    logs = local_cluster.vmae("logs", job_id)
+    assert logs.returncode == 0 and expected in logs.stdout
+
+
+def test_failed_job_sets_exit_code(local_cluster):
+    done = local_cluster.vmae("submit", "--raw", "--", "python", "-c", "print('bye'); raise SystemExit(7)")
+    assert done.returncode == 1 and "bye" in done.stdout
+    status = local_cluster.vmae("status", _job_id(done.stderr))
+    assert "status: FAILED" in status.stdout and "driver_exit_code: 7" in status.stdout, status.stdout
+
+
+def test_stop_a_sleeping_job_with_forwarded_env(local_cluster):
+    sleeper = "import os, time; print('sleeping', os.environ['WHO'], os.environ['AWS_ENDPOINT_URL'], flush=True); time.sleep(600)"
+    started = local_cluster.vmae(
+        "submit",
+        "--no-wait",
+        "--env",
+        "WHO=sleeper",
+        "--raw",
+        "--",
+        "python",
+        "-c",
+        sleeper,
+        extra_env={"AWS_ENDPOINT_URL": "http://minio.invalid:9000"},
+    )
+    assert started.returncode == 0, started.stderr
+    job_id = started.stdout.strip()
+    deadline = time.monotonic() + 90
+    while "sleeping" not in local_cluster.get(f"/api/jobs/{job_id}/logs")["logs"]:
+        assert time.monotonic() < deadline, local_cluster.get(f"/api/jobs/{job_id}")
+        time.sleep(0.3)
+    status = local_cluster.vmae("status", job_id)
+    assert "status: RUNNING" in status.stdout, status.stdout + status.stderr
+    stopped = local_cluster.vmae("stop", job_id)
+    assert stopped.returncode == 0 and f"job {job_id} STOPPED" in stopped.stderr, stopped.stderr
+    again = local_cluster.vmae("stop", job_id)
+    assert again.returncode == 0 and "already ended: STOPPED" in again.stderr, again.stderr
+    logs = local_cluster.vmae("logs", job_id)
+    assert "sleeping sleeper http://minio.invalid:9000" in logs.stdout, logs.stdout
+    listing = local_cluster.vmae("status")
+    assert re.search(rf"{job_id}\s+STOPPED", listing.stdout), listing.stdout
+    unknown = local_cluster.vmae("status", "raysubmit_does_not_exist")
+    assert unknown.returncode == 1 and "no job" in unknown.stderr
