@@ -196,86 +196,97 @@ def _shard_features(
 class _Extractor:
     """Ray actor: holds the model on its device and turns whole shards into features."""
 
-    def __init__(
-        self, model_or_url: nn.Module | str, views: ViewSpec, batch_size: int, use_gpu: bool, cpus: float
-    ):
+    def __init__(self, model_or_url: nn.Module | str, batch_size: int, use_gpu: bool, cpus: float):
         torch.set_num_threads(max(1, int(cpus)))
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         model = load_any_checkpoint(model_or_url)[0] if isinstance(model_or_url, str) else model_or_url
         self.model = model.eval().to(self.device)
-        self.views, self.batch_size = views, batch_size
+        self.batch_size = batch_size
 
-    def shard(self, url: str, keys: list[str], cfg: Any) -> dict[str, Any]:
+    def shard(self, url: str, keys: list[str], views: ViewSpec, cfg: Any) -> dict[str, Any]:
         return _shard_features(
-            self.model, url, keys, self.views, batch_size=self.batch_size, device=self.device, cfg=cfg
+            self.model, url, keys, views, batch_size=self.batch_size, device=self.device, cfg=cfg
         )
 
 
-def _extract(
-    model_or_url: nn.Module | str,
-    split: SplitSection,
-    views: ViewSpec,
-    *,
-    batch_size: int = 16,
-    actors: int = 2,
-    cpus_per_actor: float = 1.0,
-    use_gpu: bool | None = None,
-    storage_cfg: storage.StorageConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[str, str]]]:
-    """:func:`extract_features` plus the ``(key, reason)`` list of samples that could not be used."""
-    from pipeline.loader import LoaderConfig, load_shards
+class FeatureExtractor:
+    """The model loaded once — in ``actors`` Ray actors (one GPU each when ``use_gpu``; ``None``: when the
+    cluster has GPUs), or in this process for ``actors=0`` — and reused for every split and view set.
+    Use as a context manager (the actors are killed on exit)."""
 
-    scfg = storage_cfg or storage.StorageConfig()
-    shards = load_shards(LoaderConfig(manifest=split.manifest, subset=split.subset, storage=scfg))
-    bar = tqdm(total=len(shards), desc=f"features {views.name}", unit="shard", disable=None)
-    results = []
-    if actors == 0:
-        model = load_any_checkpoint(model_or_url)[0] if isinstance(model_or_url, str) else model_or_url.eval()
-        device = "cuda" if (use_gpu or use_gpu is None) and torch.cuda.is_available() else "cpu"
-        model = model.to(device)
-        for s in shards:
-            results.append(
-                _shard_features(
-                    model, s.url, list(s.keys), views, batch_size=batch_size, device=device, cfg=scfg
-                )
-            )
-            bar.update()
-    else:
+    def __init__(
+        self,
+        model_or_url: nn.Module | str,
+        *,
+        batch_size: int = 16,
+        actors: int = 2,
+        cpus_per_actor: float = 1.0,
+        use_gpu: bool | None = None,
+        storage_cfg: storage.StorageConfig | None = None,
+    ) -> None:
+        self.scfg = storage_cfg or storage.StorageConfig()
+        self.batch_size, self.actors = batch_size, []
+        if actors == 0:
+            model = load_any_checkpoint(model_or_url)[0] if isinstance(model_or_url, str) else model_or_url
+            self.device = "cuda" if use_gpu is not False and torch.cuda.is_available() else "cpu"
+            self.model = model.eval().to(self.device)
+            return
         import ray
-        from ray.util import ActorPool
 
         if not ray.is_initialized():
             ray.init(include_dashboard=False)
         gpu = bool(ray.cluster_resources().get("GPU", 0)) if use_gpu is None else use_gpu
         remote = ray.remote(num_cpus=cpus_per_actor, num_gpus=1 if gpu else 0)(_Extractor)
         source = ray.put(model_or_url) if isinstance(model_or_url, nn.Module) else model_or_url
-        pool_actors = [
-            remote.remote(source, views, batch_size, gpu, cpus_per_actor)
-            for _ in range(min(actors, len(shards)) or 1)
-        ]
-        try:
-            for res in ActorPool(pool_actors).map_unordered(
-                lambda a, s: a.shard.remote(s.url, list(s.keys), scfg), shards
-            ):
+        self.actors = [remote.remote(source, batch_size, gpu, cpus_per_actor) for _ in range(actors)]
+
+    def __enter__(self) -> FeatureExtractor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    def run(
+        self, split: SplitSection, views: ViewSpec
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[str, str]]]:
+        """``(feats [N, V, D], labels [N], keys [N], skipped [(key, reason)])`` of a split, sorted by key."""
+        from pipeline.loader import LoaderConfig, load_shards
+
+        shards = load_shards(LoaderConfig(manifest=split.manifest, subset=split.subset, storage=self.scfg))
+        bar = tqdm(total=len(shards), desc=f"features {views.name}", unit="shard", disable=None)
+        results = []
+        if not self.actors:
+            for s in shards:
+                kw = dict(batch_size=self.batch_size, device=self.device, cfg=self.scfg)
+                results.append(_shard_features(self.model, s.url, list(s.keys), views, **kw))
+                bar.update()
+        else:
+            from ray.util import ActorPool
+
+            calls = ActorPool(self.actors).map_unordered(
+                lambda a, s: a.shard.remote(s.url, list(s.keys), views, self.scfg), shards
+            )
+            for res in calls:
                 results.append(res)
                 bar.update()
-        finally:
-            for a in pool_actors:
-                ray.kill(a)
-    bar.close()
-    rows = sorted(
-        (k, lab, f) for r in results for k, lab, f in zip(r["keys"], r["labels"], r["feats"], strict=True)
-    )
-    skipped = sorted(s for r in results for s in r["skipped"])
-    for key, reason in skipped:
-        log.warning("eval skipped sample %r: %s", key, reason)
-    if not rows:
-        raise ValueError(
-            f"no usable sample in {split.manifest!r} (subset {split.subset!r}); {len(skipped)} skipped"
+        bar.close()
+        rows = sorted(
+            (t for r in results for t in zip(r["keys"], r["labels"], r["feats"], strict=True)),
+            key=lambda t: t[0],
         )
-    feats = torch.stack([f for _, _, f in rows])
-    labels = torch.tensor([lab for _, lab, _ in rows], dtype=torch.int64)
-    return feats, labels, [k for k, _, _ in rows], skipped
+        skipped = sorted(s for r in results for s in r["skipped"])
+        for key, reason in skipped:
+            log.warning("eval skipped sample %r: %s", key, reason)
+        if not rows:
+            raise ValueError(
+                f"no usable sample in {split.manifest!r} (subset {split.subset!r}); {len(skipped)} skipped"
+            )
+        labels = torch.tensor([lab for _, lab, _ in rows], dtype=torch.int64)
+        return torch.stack([f for _, _, f in rows]), labels, [k for k, _, _ in rows], skipped
 
 
 def extract_features(
@@ -286,11 +297,10 @@ def extract_features(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Frozen features of every selected video: ``(feats [N, V, D] float32, labels [N] int64 (-1: none),
-    keys [N])``, sorted by key, views clip-major. ``kwargs``: ``batch_size, actors, cpus_per_actor, use_gpu,
-    storage_cfg`` (see :class:`EvalConfig`). Undecodable samples are logged and left out."""
-    feats, labels, keys, _ = _extract(
-        checkpoint_or_model, SplitSection(manifest=manifest_url, subset=subset_url), views, **kwargs
-    )
+    keys [N])``, sorted by key, views clip-major. ``kwargs`` go to :class:`FeatureExtractor` (``batch_size,
+    actors, cpus_per_actor, use_gpu, storage_cfg``). Undecodable samples are logged and left out."""
+    with FeatureExtractor(checkpoint_or_model, **kwargs) as ex:
+        feats, labels, keys, _ = ex.run(SplitSection(manifest=manifest_url, subset=subset_url), views)
     return feats, labels, keys
 
 
@@ -306,30 +316,30 @@ def multiview_accuracy(
     return topk_accuracy(probs, labels_N[[order[k] for k in ids]])
 
 
+def _counts(labels: torch.Tensor, skipped: list) -> dict[str, int]:
+    return {"videos": len(labels), "labelled": int((labels >= 0).sum()), "skipped": len(skipped)}
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Run every evaluation ``cfg`` asks for, write the JSON report to ``cfg.output``, return it."""
+    """Run every evaluation ``cfg`` asks for, write the JSON report to ``cfg.output``, return it.
+
+    Report keys: ``checkpoint``, ``checkpoint_meta``, ``config``, ``samples`` (per split: videos, labelled,
+    skipped), ``multiview`` (per ``"{clips}x{crops}"``: top1, top5, views, videos; empty for a pretrained
+    checkpoint), and with a train split ``knn``, ``linear_probe`` (top1, top5), ``feature_dim``,
+    ``num_classes``; ``seconds``. Accuracies are fractions of the labelled test videos."""
     from model import VideoMAEClassifier
 
     t0 = time.perf_counter()
     model, meta = load_any_checkpoint(cfg.checkpoint)
-    mcfg = model.cfg
+    classifier = isinstance(model, VideoMAEClassifier)
 
     def spec(pair: tuple[int, int]) -> ViewSpec:
+        size = cfg.input_size or model.cfg.img_size
+        frames = cfg.num_frames or model.cfg.num_frames
         return ViewSpec(
-            num_frames=cfg.num_frames or mcfg.num_frames,
-            sampling_rate=cfg.sampling_rate,
-            input_size=cfg.input_size or mcfg.img_size,
-            clips=pair[0],
-            crops=pair[1],
+            num_frames=frames, sampling_rate=cfg.sampling_rate, input_size=size, clips=pair[0], crops=pair[1]
         )
 
-    kw = dict(
-        batch_size=cfg.batch_size,
-        actors=cfg.actors,
-        cpus_per_actor=cfg.cpus_per_actor,
-        use_gpu=cfg.use_gpu,
-        storage_cfg=cfg.storage,
-    )
     report: dict[str, Any] = {
         "checkpoint": cfg.checkpoint,
         "checkpoint_meta": {k: meta.get(k) for k in ("format", "kind", "url")},
@@ -337,45 +347,36 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "samples": {},
         "multiview": {},
     }
-    classifier = isinstance(model, VideoMAEClassifier)
-    test_sets: dict[str, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
-    for pair in cfg.view_sets if classifier else ():
-        s = spec(pair)
-        feats, labels, keys, skipped = _extract(model, cfg.test, s, **kw)
-        test_sets[s.name] = (feats, labels, keys)
-        keep = labels >= 0
-        acc = multiview_accuracy(
-            model.head, feats[keep], labels[keep], [k for k, m in zip(keys, keep.tolist(), strict=True) if m]
-        )
-        report["multiview"][s.name] = {**acc, "views": s.num_views, "videos": int(keep.sum())}
-        report["samples"]["test"] = {
-            "videos": len(keys),
-            "labelled": int(keep.sum()),
-            "skipped": len(skipped),
-        }
+    opts = dict(
+        actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor, use_gpu=cfg.use_gpu, storage_cfg=cfg.storage
+    )
+    with FeatureExtractor(model, batch_size=cfg.batch_size, **opts) as ex:
+        test_sets = {}
+        for pair in cfg.view_sets if classifier else ():
+            s = spec(pair)
+            feats, labels, keys, skipped = test_sets[s.name] = ex.run(cfg.test, s)
+            m = labels >= 0
+            acc = multiview_accuracy(
+                model.head, feats[m], labels[m], [k for k, y in zip(keys, m.tolist(), strict=True) if y]
+            )
+            report["multiview"][s.name] = {**acc, "views": s.num_views, "videos": int(m.sum())}
+            report["samples"]["test"] = _counts(labels, skipped)
+        if cfg.train is not None:
+            fs = spec(cfg.feature_views)
+            tr_f, tr_y, _, tr_skip = ex.run(cfg.train, fs)
+            te_f, te_y, _, te_skip = test_sets[fs.name] if fs.name in test_sets else ex.run(cfg.test, fs)
     if cfg.train is not None:
-        fs = spec(cfg.feature_views)
-        tr_f, tr_y, tr_k, tr_skip = _extract(model, cfg.train, fs, **kw)
-        te_f, te_y, te_k, te_skip = (
-            _extract(model, cfg.test, fs, **kw) if fs.name not in test_sets else (*test_sets[fs.name], [])
-        )
-        report["samples"]["train"] = {
-            "videos": len(tr_k),
-            "labelled": int((tr_y >= 0).sum()),
-            "skipped": len(tr_skip),
-        }
-        report["samples"].setdefault(
-            "test", {"videos": len(te_k), "labelled": int((te_y >= 0).sum()), "skipped": len(te_skip)}
-        )
+        report["samples"]["train"], report["samples"]["test"] = _counts(tr_y, tr_skip), _counts(te_y, te_skip)
         tr_m, te_m = tr_y >= 0, te_y >= 0
         if not tr_m.any() or not te_m.any():
             raise ValueError(
                 "probe/kNN need labelled train and test samples; found none in one of the splits"
             )
         xtr, ytr, xte, yte = tr_f[tr_m].mean(1), tr_y[tr_m], te_f[te_m].mean(1), te_y[te_m]
-        k = cfg.num_classes or (model.num_classes if classifier else int(max(ytr.max(), yte.max())) + 1)
-        if int(max(ytr.max(), yte.max())) >= k:
-            raise ValueError(f"labels go up to {int(max(ytr.max(), yte.max()))} but num_classes is {k}")
+        top = int(max(ytr.max(), yte.max()))
+        k = cfg.num_classes or (model.num_classes if classifier else top + 1)
+        if top >= k:
+            raise ValueError(f"labels go up to {top} but num_classes is {k}")
         knn = knn_predict(xtr, ytr, xte, num_classes=k, k=cfg.knn.k, temperature=cfg.knn.temperature)
         probe = linear_probe(xtr, ytr, xte, num_classes=k, cfg=cfg.probe)
         report["knn"] = {
@@ -385,8 +386,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "views": fs.name,
         }
         report["linear_probe"] = {**topk_accuracy(probe, yte), "epochs": cfg.probe.epochs, "views": fs.name}
-        report["feature_dim"] = int(xtr.shape[1])
-        report["num_classes"] = k
+        report.update(feature_dim=int(xtr.shape[1]), num_classes=k)
     report["seconds"] = time.perf_counter() - t0
     storage.write_bytes_atomic(cfg.output, json.dumps(report, indent=1).encode(), cfg.storage)
     return report
