@@ -6,8 +6,8 @@ the virtualenv, git history and run outputs, which would otherwise make the uplo
 storage credentials travel as ``env_vars`` unless the cluster has its own (Kubernetes Secret, IRSA,
 instance profile; see infra/README.md).
 
-Exit codes: 0 the job SUCCEEDED, 1 FAILED (or the head is unreachable / the job unknown), 3 STOPPED,
-130 interrupted while following (the job keeps running).
+Exit codes: 0 the job SUCCEEDED, 1 FAILED (or the head is unreachable / the job unknown), 2 bad flags,
+3 STOPPED, 130 interrupted while following (the job keeps running).
 """
 
 from __future__ import annotations
@@ -418,6 +418,9 @@ def run_command(name: str, args: argparse.Namespace) -> int:
 
     try:
         return _run(name, args)
+    except ValueError as e:  # bad flags or command: say which, no traceback
+        print(f"vmae {name}: error: {e}", file=sys.stderr)
+        return 2
     except ClusterUnreachableError as e:
         print(f"vmae {name}: {e}", file=sys.stderr)
         return 1

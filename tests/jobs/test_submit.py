@@ -246,3 +246,10 @@ def test_unreachable_head_is_a_clear_error(argv, capsys):
     assert main([argv[0], "--address", address, *argv[1:]]) == 1
     err = capsys.readouterr().err
     assert f"cannot reach the Ray dashboard at {address}" in err and "RAY_ADDRESS" in err
+
+
+def test_bad_flags_exit_2_with_the_reason(capsys):
+    assert main(["submit", "--address", "ray://head:10001", "--", "shard"]) == 2
+    assert "--address 'ray://head:10001'" in capsys.readouterr().err
+    assert main(["submit", "--env", "oops", "--", "shard"]) == 2
+    assert "--env 'oops'" in capsys.readouterr().err

@@ -189,7 +189,9 @@ def _job_id(stderr: str) -> str:
 
 
 # (vmae submit args, text the job's logs must show; None: what the same vmae command prints when run here).
-# The debug pretrain job joins this list once it exists.
+# The debug pretrain job joins this list as ["--", "pretrain", "--config", "configs/pretrain/debug.yaml",
+# "loader.manifest=s3://...", "storage_path=s3://..."] once a shard set on shared storage (the moto S3
+# fixture: every node reads the same AWS_* variables) is cheap enough to build inside this test.
 CLUSTER_JOBS = [
     pytest.param(
         ["--raw", "--", "python", "-c", NODE_CHECK], "NODES 2 RAN_ON 2\nUPLOAD True False", id="node-check"
