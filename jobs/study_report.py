@@ -59,7 +59,8 @@ def pick_metrics(df: pd.DataFrame, wanted: tuple[str, ...] | list[str] = ()) -> 
             known = [c for c in df.columns if "." in c or c.endswith("top1")]
             raise ValueError(f"report.metrics {missing} are not among the evaluation results {known}")
         return list(wanted)
-    return [c for c in df.columns if c.endswith("top1")]
+    found = [c for c in df.columns if c.endswith("top1")]
+    return sorted(found, key=lambda c: (not c.startswith("linear_probe"), not c.startswith("knn"), c))
 
 
 def _fmt(v: Any) -> str:
@@ -98,7 +99,9 @@ def make_plots(df: pd.DataFrame, metrics: list[str]) -> dict[str, bytes]:
         return out
 
     def figure(name: str, draw: Any, xlabel: str) -> None:
-        fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+        fig, axes = plt.subplots(
+            1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False, layout="constrained"
+        )
         for ax, m in zip(axes[0], metrics, strict=True):
             draw(ax, m)
             ax.set_xlabel(xlabel)
@@ -110,41 +113,55 @@ def make_plots(df: pd.DataFrame, metrics: list[str]) -> dict[str, bytes]:
         out[name] = _png(fig)
         plt.close(fig)
 
-    def lines(x: str, series: str) -> Any:
+    scratch = df[df["init"] == "scratch"]
+
+    def lines(x: str, series: str, frame: pd.DataFrame, baseline: bool) -> Any:
         def draw(ax: Any, m: str) -> None:
-            for key, g in df.groupby(series, sort=True):
+            for key, g in frame.groupby(series, sort=True):
                 g = g.groupby(x, as_index=False)[m].mean().sort_values(x)
                 ax.plot(g[x], g[m], marker="o", label=f"{series}={key}")
+            if baseline and len(scratch):  # scratch weights do not depend on x: one reference level
+                ax.axhline(scratch[m].mean(), color="grey", ls="--", label="scratch")
 
         return draw
 
     if df["subset_size"].nunique() >= 2:
-        figure("acc_vs_subset_size", lines("subset_size", "init"), "pretraining samples")
+        figure("acc_vs_subset_size", lines("subset_size", "init", df, False), "pretraining samples")
     if df["subset"].nunique() >= 2:
 
         def quality(ax: Any, m: str) -> None:
-            g = df.groupby(["subset", "init"], as_index=False).agg(
-                size=("subset_size", "first"), q=("subset_mean_quality", "first"), acc=(m, "mean")
+            pre = (
+                df[df["init"] != "scratch"]
+                .groupby("subset", as_index=False)
+                .agg(size=("subset_size", "first"), q=("subset_mean_quality", "first"), acc=(m, "mean"))
             )
-            sc = ax.scatter(g["size"], g["acc"], c=g["q"], cmap="viridis", s=60, vmin=0, vmax=1)
-            for _, r in g.iterrows():
-                ax.annotate(f"{r['subset']} ({r['init']})", (r["size"], r["acc"]), fontsize=7)
-            ax.figure.colorbar(sc, ax=ax, label="mean quality score")
+            sc = ax.scatter(pre["size"], pre["acc"], c=pre["q"], cmap="viridis", s=60, vmin=0, vmax=1)
+            for _, r in pre.iterrows():
+                ax.annotate(r["subset"], (r["size"], r["acc"]), fontsize=8, xytext=(4, 4),
+                            textcoords="offset points")  # fmt: skip
+            if (df["init"] == "scratch").any():  # no pretraining: one baseline, whatever the subset
+                ax.axhline(df[df["init"] == "scratch"][m].mean(), color="grey", ls="--", label="scratch")
+            ax.figure.colorbar(sc, ax=ax, label="mean quality score", fraction=0.05)
 
         figure("quality_vs_quantity", quality, "pretraining samples")
-    if df["subset"].nunique() >= 2 or df["target"].nunique() >= 2:
+    if df["subset_domains"].nunique() >= 2 or df["target"].nunique() >= 2:
 
         def bars(ax: Any, m: str) -> None:
-            pivot = df.groupby(["subset", "target"])[m].mean().unstack("target")
+            src = df.apply(lambda r: "scratch" if r["init"] == "scratch" else
+                           f"{r['subset']}\n({r['subset_domains']})", axis=1)  # fmt: skip
+            pivot = df.assign(source=src).groupby(["source", "target"])[m].mean().unstack("target")
             width = 0.8 / max(1, pivot.shape[1])
             for j, target in enumerate(pivot.columns):
                 xs = [i + j * width for i in range(len(pivot.index))]
                 ax.bar(xs, pivot[target].to_numpy(), width, label=f"target={target}")
-            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(pivot.index))], list(pivot.index))
+            ax.set_xticks(
+                [i + 0.4 - width / 2 for i in range(len(pivot.index))], list(pivot.index), fontsize=8
+            )
 
         figure("domain_shift", bars, "pretraining subset (source)")
-    if df["mask_ratio"].dropna().nunique() >= 2:
-        figure("masking_ratio", lines("mask_ratio", "subset"), "masking ratio")
+    pre = df[df["init"] != "scratch"]
+    if pre["mask_ratio"].dropna().nunique() >= 2:
+        figure("masking_ratio", lines("mask_ratio", "subset", pre, True), "masking ratio")
     return out
 
 
