@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 import tempfile
+import time
 from typing import Any
 
 import ray.train
@@ -247,7 +248,9 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
             model.train()
             loss_sum = correct = seen = 0.0
             for micro in range(cfg.optim.accum_steps):
+                t0 = time.perf_counter()
                 epoch, batch = next(stream)
+                timer.data(time.perf_counter() - t0)
                 rows = valid_rows(
                     batch["label"],
                     batch["valid"],

@@ -186,7 +186,7 @@ def class_shards(tmp_path_factory):
 def test_debug_finetune_stops_resumes_and_beats_chance(class_shards, pretrained, tmp_path):
     import ray
 
-    from jobs.evaluate import EvalConfig, SplitSection, evaluate
+    from jobs.evaluate import EvalConfig, SplitSection, evaluate, load_any_checkpoint
     from jobs.finetune import fit
     from jobs.metrics import read_metrics
 
@@ -207,9 +207,15 @@ def test_debug_finetune_stops_resumes_and_beats_chance(class_shards, pretrained,
     recs = read_metrics(str(tmp_path / "finetune-debug" / "logs" / "metrics.jsonl"))
     assert list(recs) == [4, 8, 12, 16, 20, 24]
     assert recs[24]["loss"] < recs[4]["loss"], recs
+    assert all(0 <= r["data_wait_frac"] <= 1 and 0 <= r["train_top1"] <= 1 for r in recs.values())
     final = str(tmp_path / "finetune-debug" / "final")
     meta = json.loads(open(os.path.join(final, "vmae.json")).read())
     assert meta["kind"] == "classifier" and meta["num_classes"] == 4
+    from_run, run_meta = load_any_checkpoint(str(tmp_path / "finetune-debug"))  # its latest Ray checkpoint
+    assert run_meta["url"].endswith("step_00000024") and isinstance(from_run, VideoMAEClassifier)
+    final_model = load_any_checkpoint(final)[0]
+    for k, v in final_model.state_dict().items():
+        assert torch.equal(v, from_run.state_dict()[k]), k
     report = evaluate(
         EvalConfig(
             checkpoint=final,
