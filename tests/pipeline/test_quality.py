@@ -195,6 +195,7 @@ def test_duplicate_groups_match_brute_force(k):
     valid = rng.random(hashes.shape) > 0.15
     got = duplicate_groups(hashes, valid, k)
     np.testing.assert_array_equal(got, _brute_force_groups(hashes, valid, k))
+    np.testing.assert_array_equal(duplicate_groups(hashes, valid, k, block_elems=1), got)  # one row per block
     assert len(set(got.tolist())) < len(hashes)  # the planted copies did form groups
 
 
