@@ -113,5 +113,5 @@ def apply_crop(
     if crop.flip:
         x = tvF.horizontal_flip(x)
     x = tvF.to_dtype(x, torch.float32, scale=True)
-    x = tvF.normalize(x, list(mean), list(std))
+    x = tvF.normalize(x, list(mean), list(std), inplace=True)
     return x.permute(1, 0, 2, 3).contiguous()
