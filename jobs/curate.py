@@ -1,10 +1,11 @@
 """``vmae curate``: per-sample quality and domain metrics over a shard set -> ``curation.parquet`` (Ray job).
 
 One Ray task per shard (``pipeline.quality.curate_shard``: stream the tar, decode a few frames per video,
-compute metrics), at most ``max_in_flight`` submitted at once so a large shard set does not flood the object
-store. The driver then groups near-duplicates across all shards (pHash + union-find) and writes one table,
-atomically, with the source manifest, the resolved config and a summary in its schema metadata. Shards are
-only read: curation never rewrites them (subsets select keys with ``vmae subset``).
+compute metrics), at most ``ray.max_in_flight`` in flight so a large shard set does not flood the object
+store (Ray start-up and the bounded map are the shard job's). The driver then groups near-duplicates
+across all shards (pHash + union-find) and writes one table, atomically, with the source manifest, the
+resolved config and a summary in its schema metadata. Shards are only read: curation never rewrites them
+(subsets select keys with ``vmae subset``).
 
     vmae curate --shards s3://bucket/set/manifest.json --output s3://bucket/set/curation.parquet
 """
@@ -16,13 +17,13 @@ import collections
 import dataclasses
 import datetime
 import json
-import os
 
 import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
 from jobs.config import load_config, save_config, to_dict
+from jobs.shard import RayConfig, _bounded_map, _init_ray  # one way to start Ray and bound tasks
 from pipeline import manifest, storage
 from pipeline.quality import CURATION_SCHEMA, QualityConfig, curate_shard, duplicate_groups
 
@@ -33,17 +34,7 @@ FORMAT = "vmae-curation/1"
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CurateConfig:
     quality: QualityConfig = dataclasses.field(default_factory=QualityConfig)
-    max_in_flight: int = 8  # shard tasks submitted and not yet finished
-    task_cpus: float = 1.0  # CPUs Ray reserves per shard task (decoding is single-threaded)
-    num_cpus: int | None = None  # size of a local Ray cluster started by the job (None: all cores)
-
-    def __post_init__(self) -> None:
-        if self.max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
-        if self.task_cpus <= 0:
-            raise ValueError(f"task_cpus must be > 0, got {self.task_cpus}")
-        if self.num_cpus is not None and self.num_cpus < 1:
-            raise ValueError(f"num_cpus must be >= 1 or null, got {self.num_cpus}")
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)  # same knobs as the shard job's
 
 
 def curation_url(output: str) -> str:
@@ -88,44 +79,31 @@ def summarize(table: pa.Table) -> dict:
     }
 
 
-def _init_ray(address: str | None, num_cpus: int | None) -> bool:
-    """Connect to ``address`` (or $RAY_ADDRESS), else start a small local cluster. True if we started Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
-    return True
-
-
 def run_curation(manifest_url: str, output: str, cfg: CurateConfig, *, address: str | None = None) -> dict:
     """Curate the shard set at ``manifest_url`` into ``curation_url(output)``; returns the summary."""
     import ray
 
     m = manifest.read_manifest(manifest_url)
     out_url = curation_url(output)
-    started = _init_ray(address, cfg.num_cpus)
+    urls = [m.shard_url(s) for s in m.shards]
+    results: dict[str, pa.Table] = {}
+
+    def done(args: tuple, result: pa.Table | BaseException) -> None:
+        # an unreadable shard fails the job rather than silently losing its samples
+        if isinstance(result, BaseException):
+            raise result
+        results[args[0]] = result
+
+    started = _init_ray(cfg.ray, address)
     try:
-        task = ray.remote(num_cpus=cfg.task_cpus, max_retries=2)(curate_shard)
-        pending: dict = {}
-        results: dict[int, pa.Table] = {}
-        todo = list(enumerate(m.shards))
-        with tqdm(total=len(todo), desc="curate", unit="shard", disable=None) as bar:
-            while todo or pending:
-                while todo and len(pending) < cfg.max_in_flight:
-                    i, shard = todo.pop(0)
-                    pending[task.remote(m.shard_url(shard), cfg.quality)] = i
-                done, _ = ray.wait(list(pending), num_returns=1)
-                for ref in done:
-                    results[pending.pop(ref)] = ray.get(ref)
-                    bar.update()
+        task = ray.remote(num_cpus=cfg.ray.task_cpus)(curate_shard)
+        cap = cfg.ray.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        with tqdm(total=len(urls), desc="curate", unit="shard", disable=None) as bar:
+            _bounded_map(task, [(u, cfg.quality) for u in urls], cap, bar, done)
     finally:
         if started:
             ray.shutdown()
-    tables = [results[i] for i in range(len(m.shards))]
+    tables = [results[u] for u in urls]
     table = pa.concat_tables(tables) if tables else CURATION_SCHEMA.empty_table()
     table = add_dup_groups(table, cfg.quality.hash_distance)
     summary = summarize(table)

@@ -10,6 +10,7 @@ import pytest
 from jobs.cli import main
 from jobs.config import load_config
 from jobs.curate import CurateConfig, add_dup_groups, curation_url, run_curation, summarize
+from jobs.shard import RayConfig
 from pipeline import manifest
 from pipeline.quality import CURATION_SCHEMA, QualityConfig
 from pipeline.shards import ShardConfig, ShardSample, write_shard
@@ -139,7 +140,7 @@ def test_missing_shard_fails_the_job(shard_set, ray_cluster, tmp_path):
         os.link(m.shard_url(s), broken / s.name)
     manifest.write_manifest(str(broken / "manifest.json"), m)
     with pytest.raises(Exception, match="cannot open shard"):
-        run_curation(str(broken), str(tmp_path / "out"), CurateConfig(max_in_flight=1))
+        run_curation(str(broken), str(tmp_path / "out"), CurateConfig(ray=RayConfig(max_in_flight=1)))
     assert not os.path.exists(tmp_path / "out" / "curation.parquet")
 
 
@@ -173,11 +174,11 @@ def test_curation_url():
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/curate/*.yaml")))
 def test_curate_yamls_load(path):
     cfg = load_config(CurateConfig, path)
-    assert isinstance(cfg.quality, QualityConfig) and cfg.max_in_flight >= 1
+    assert isinstance(cfg.quality, QualityConfig) and isinstance(cfg.ray, RayConfig)
 
 
 def test_curate_config_validation():
-    with pytest.raises(ValueError, match="max_in_flight"):
-        load_config(CurateConfig, "configs/curate/default.yaml", ["max_in_flight=0"])
+    with pytest.raises(ValueError, match="ray.max_in_flight must be >= 0"):
+        load_config(CurateConfig, "configs/curate/default.yaml", ["ray.max_in_flight=-1"])
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_frame'\]"):
         load_config(CurateConfig, None, ["quality.num_frame=3"])
