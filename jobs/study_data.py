@@ -19,6 +19,8 @@ import os
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from jobs.config import load_config, to_dict
 from pipeline import manifest as mf
@@ -155,14 +157,36 @@ def _subset_info(name: str, url: str, df: pd.DataFrame, keys: list[str], inputs_
     )  # fmt: skip
 
 
-def _write_split(url: str, keys: list[str], df: pd.DataFrame, source: str, rule: dict, h: str) -> None:
-    rows = df.set_index("key").loc[keys]
-    extra = {
-        "label": [int(v) for v in rows["label"]],
-        "domain": rows["domain"].tolist(),
-        "shard": rows["shard"].tolist(),
-    }
-    mf.write_subset(url, keys, source_manifest=source, rule=rule, inputs_hash=h, extra_columns=extra)
+def write_target_split(
+    curation_url: str, spec: TargetSpec, train_url: str, test_url: str
+) -> tuple[list[str], list[str], str]:
+    """Select ``spec.rule`` from a curation table, split it per class and write the probe-train/test subset
+    manifests (test first, train last). Returns ``(train keys, test keys, inputs hash)``; if both files
+    already exist they are read, not rewritten."""
+    raw = storage.read_bytes(curation_url)
+    ident = {"rule": spec.rule.to_dict(), "test_fraction": spec.test_fraction, "seed": spec.seed,
+             "curation": hashlib.sha256(raw).hexdigest()}  # fmt: skip
+    h = digest(ident)
+    if storage.exists(train_url) and storage.exists(test_url):
+        return list(mf.read_subset(train_url).keys), list(mf.read_subset(test_url).keys), h
+    table = pq.read_table(pa.BufferReader(raw))
+    source = (table.schema.metadata or {}).get(b"source_manifest", b"").decode()
+    df = table.to_pandas()
+    chosen = df[df["key"].isin(set(select(df, spec.rule)))]
+    if chosen["label"].isna().any():
+        raise ValueError(f"target {spec.name!r}: {int(chosen['label'].isna().sum())} samples have no label")
+    train, test = stratified_split(chosen, spec.test_fraction, spec.seed)
+    if not train or not test:
+        raise ValueError(f"target {spec.name!r}: {len(chosen)} samples are too few to split into "
+                         "probe-train and probe-test")  # fmt: skip
+    rows = df.set_index("key")
+    for url, keys, part in ((test_url, test, "test"), (train_url, train, "train")):
+        sel = rows.loc[keys]
+        extra = {"label": [int(v) for v in sel["label"]], "domain": sel["domain"].tolist(),
+                 "shard": sel["shard"].tolist()}  # fmt: skip
+        mf.write_subset(url, keys, source_manifest=source, rule={**ident, "part": part, "name": spec.name},
+                        inputs_hash=h, extra_columns=extra)  # fmt: skip
+    return train, test, h
 
 
 def prepare_data(cfg: DataConfig, root: str) -> PreparedData:
@@ -212,31 +236,11 @@ def prepare_data(cfg: DataConfig, root: str) -> PreparedData:
         subsets[rule.name] = _subset_info(rule.name, url, df, list(sub.keys), sub.inputs_hash)
 
     targets = {}
-    source = (table.schema.metadata or {}).get(b"source_manifest", manifest_url.encode()).decode()
     for t in cfg.targets:
-        spec = {
-            "rule": t.rule.to_dict(),
-            "test_fraction": t.test_fraction,
-            "seed": t.seed,
-            "curation": cur_hash,
-        }
-        h = digest(spec)
-        train_url = storage.join(shards, "targets", f"{t.name}-train-{h[:12]}.parquet")
-        test_url = storage.join(shards, "targets", f"{t.name}-test-{h[:12]}.parquet")
-        if storage.exists(train_url) and storage.exists(test_url):
-            train, test = list(mf.read_subset(train_url).keys), list(mf.read_subset(test_url).keys)
-        else:
-            chosen = df[df["key"].isin(set(select(df, t.rule)))]
-            if chosen["label"].isna().any():
-                raise ValueError(
-                    f"target {t.name!r}: {int(chosen['label'].isna().sum())} samples have no label"
-                )
-            train, test = stratified_split(chosen, t.test_fraction, t.seed)
-            if not train or not test:
-                raise ValueError(f"target {t.name!r}: {len(chosen)} samples are too few to split into "
-                                 f"probe-train and probe-test")  # fmt: skip
-            for url, keys, part in ((test_url, test, "test"), (train_url, train, "train")):
-                _write_split(url, keys, df, source, {**spec, "part": part, "name": t.name}, h)
+        h = digest([cur_hash, t.rule.to_dict(), t.test_fraction, t.seed])[:12]
+        train_url = storage.join(shards, "targets", f"{t.name}-train-{h}.parquet")
+        test_url = storage.join(shards, "targets", f"{t.name}-test-{h}.parquet")
+        train, test, h = write_target_split(curation_url, t, train_url, test_url)
         domains = tuple(sorted(df[df["key"].isin(set(train + test))]["domain"].astype(str).unique()))
         targets[t.name] = TargetInfo(name=t.name, train_url=train_url, test_url=test_url, train_size=len(train),
                                      test_size=len(test), inputs_hash=h, domains=domains)  # fmt: skip
