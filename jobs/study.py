@@ -156,8 +156,9 @@ def resolve_cell(cfg: StudyConfig, params: dict[str, Any], data: PreparedData) -
     over += [
         f"{k[len('pretrain.') :]}={json.dumps(v)}" for k, v in params.items() if k.startswith("pretrain.")
     ]
-    pcfg = load_config(PretrainConfig, resolve_path(cfg.pretrain.config or ""), over) if cfg.pretrain.config \
-        else load_config(PretrainConfig, None, over)  # fmt: skip
+    pcfg = load_config(
+        PretrainConfig, resolve_path(cfg.pretrain.config) if cfg.pretrain.config else None, over
+    )
     if params["init"] == "scratch":  # step-0 weights depend on the model and the seed only
         ident = {"init": "scratch", "model": to_dict(pcfg.model), "seed": pcfg.seed}
     else:

@@ -18,6 +18,7 @@ from jobs.study import StudyConfig, expand_grid, resolve_cell, run_study
 from jobs.study_data import PreparedData, SubsetInfo, TargetInfo, resolve_path, stratified_split
 from jobs.study_report import make_plots, markdown_table, pick_metrics, results_frame, write_report
 from pipeline import manifest as mf
+from pipeline import storage
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 STUDY_YAMLS = sorted(glob.glob(os.path.join(ROOT, "configs", "study", "*.yaml")))
@@ -199,3 +200,22 @@ def test_debug_study_end_to_end_and_rerun(ray_cluster, tmp_path):
     cfg_k = load_config(StudyConfig, DEBUG, [f"output={out}"])
     third = run_study(cfg_k)
     assert (third["ran"], third["pretrain_runs"]) == (1, 0)
+
+
+@pytest.mark.s3
+def test_report_to_s3(s3_bucket):
+    results = [
+        _result("a", "small", "pretrained", 10, 0.9, "t1", None, 0.6, 0.5),
+        _result("b", "big", "pretrained", 40, 0.4, "t1", None, 0.4, 0.3),
+    ]
+    files = write_report(results, f"{s3_bucket}/study", title="s3")
+    assert set(files) == {
+        "results.parquet",
+        "results.md",
+        "acc_vs_subset_size",
+        "quality_vs_quantity",
+        "domain_shift",
+    }
+    assert len(mf.read_table(files["results.parquet"])) == 2
+    assert storage.read_bytes(files["quality_vs_quantity"])[:8] == PNG_MAGIC
+    assert storage.read_bytes(files["results.md"]).decode().startswith("# s3: 2 cells")
