@@ -20,8 +20,6 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import webdataset as wds
-
 from pipeline import storage
 from pipeline.manifest import ShardInfo
 from pipeline.probe import ProbeError, probe
@@ -238,6 +236,8 @@ def write_shard(
 
     Returns the ShardInfo (name relative to the shard folder) and ``key -> (offset, size)`` of each
     ``{key}.mp4`` member's data in the tar, so a reader can fetch one clip with a range request."""
+    import webdataset as wds  # here, not at the top: it imports torch (~1 s), which transcode workers skip
+
     read = read or (lambda u: storage.read_bytes(u, storage_cfg))
     with tempfile.TemporaryDirectory(
         prefix="vmae-tar-", dir=scratch_dir(url.rsplit("/", 1)[0], storage_cfg)
