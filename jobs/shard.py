@@ -239,7 +239,9 @@ def shard(
     return stats
 
 
-def _prepare_all(listing: Listing, work_url: str, cfg: ShardJobConfig, st, cap: int) -> dict[str, dict]:
+def _prepare_all(
+    listing: Listing, work_url: str, cfg: ShardJobConfig, st: storage.StorageConfig, cap: int
+) -> dict[str, dict]:
     """key -> prepare_sample record for every listed source (task failures become retryable rejects)."""
     import ray
 
@@ -290,7 +292,12 @@ def _samples(
 
 
 def _write_all(
-    plan: list[list[sh.ShardSample]], output_url: str, work_url: str, cfg: ShardJobConfig, st, cap: int
+    plan: list[list[sh.ShardSample]],
+    output_url: str,
+    work_url: str,
+    cfg: ShardJobConfig,
+    st: storage.StorageConfig,
+    cap: int,
 ):
     """Write every planned shard that is not already complete; returns (ShardInfo, spans, reused) per shard.
 
@@ -349,7 +356,13 @@ def _index_rows(written: list, samples: list[sh.ShardSample]) -> list[dict]:
 
 
 def _cleanup(
-    output_url: str, work_url: str, cfg: ShardJobConfig, st, *, keep_work: bool, keep: set | None
+    output_url: str,
+    work_url: str,
+    cfg: ShardJobConfig,
+    st: storage.StorageConfig,
+    *,
+    keep_work: bool,
+    keep: set | None,
 ) -> None:
     """After the commit: drop _work/ (unless kept for a retry), scratch files and, after --overwrite,
     shards of the replaced set that the new manifest does not name."""

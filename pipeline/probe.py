@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 from fractions import Fraction
 
 import av
@@ -113,8 +114,6 @@ def probe(src: str | bytes) -> VideoInfo:
 
 
 def _local_size(path: str) -> int:
-    import os
-
     try:
         return os.path.getsize(path)
     except OSError as e:

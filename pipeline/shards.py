@@ -202,10 +202,8 @@ def plan_shards(samples: Sequence[ShardSample], cfg: ShardConfig) -> list[list[S
     size = 0  # member bytes of the open shard
     for s in samples:
         n = s.tar_bytes()
-        if plan:
-            padded = -(-(size + n + _TAR_END) // _TAR_RECORD) * _TAR_RECORD
-            full = padded > cfg.max_bytes or 0 < cfg.max_samples <= len(plan[-1])
-        if not plan or full:
+        padded = -(-(size + n + _TAR_END) // _TAR_RECORD) * _TAR_RECORD
+        if not plan or padded > cfg.max_bytes or 0 < cfg.max_samples <= len(plan[-1]):
             plan.append([])
             size = 0
         plan[-1].append(s)

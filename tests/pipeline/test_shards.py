@@ -154,6 +154,34 @@ def test_prepare_sample_caches_results_and_rejects(tmp_path):
     assert not [n for n in os.listdir(os.path.join(work, ".tmp"))]  # no scratch left behind
 
 
+def test_prepare_sample_remote_source_retries_transient_errors(tmp_path, monkeypatch):
+    """A non-local source is streamed to scratch; a dropped connection is retried with backoff."""
+    import fsspec
+
+    from pipeline.storage import StorageConfig
+
+    data = open(make_video(tmp_path / "v.mp4", frames=6), "rb").read()
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/raw/v.mp4", data)
+    real_open, calls = fs.open, []
+
+    def flaky_open(path, mode="rb", **kw):
+        calls.append(path)
+        if len(calls) == 1:
+            raise ConnectionError("connection reset by peer")
+        return real_open(path, mode, **kw)
+
+    monkeypatch.setattr(fs, "open", flaky_open)
+    item = SourceItem(
+        url="memory://raw/v.mp4", rel="v.mp4", key=make_key("v.mp4"), size=len(data), version="1"
+    )
+    rec = prepare_sample(
+        item, str(tmp_path / "work"), TranscodeConfig(short_side=32), StorageConfig(backoff_s=0.01)
+    )
+    assert rec["status"] == "ok" and len(calls) == 2
+    assert rec["source_sha256"] == hashlib.sha256(data).hexdigest()
+
+
 # ---------------------------------------------------------------- shards
 
 
