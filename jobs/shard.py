@@ -84,7 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", default=None, help="YAML config (default: built-in = configs/shard/default.yaml)"
     )
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: a local cluster)")
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)"
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a shard set built from other inputs/config"
     )
@@ -127,17 +129,21 @@ def fingerprint(cfg: ShardJobConfig, listing: Listing) -> str:
 
 
 def _init_ray(rcfg: RayConfig, address: str | None) -> bool:
-    """Start (or join) Ray; True when this call started it (and so must shut it down)."""
+    """Start or join Ray; True when this call started it (and so must shut it down).
+
+    ``--address``, else ``$RAY_ADDRESS`` (set for a driver running as a Ray job), else a new local cluster
+    of ``ray.num_cpus`` (``address="local"``: never silently join some other cluster on this machine)."""
     import ray
 
     if ray.is_initialized():
         return False
     env = {k: os.environ[k] for k in _AWS_ENV if k in os.environ}
     kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": {"env_vars": env} if env else None}
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=rcfg.num_cpus, **kwargs)
+        ray.init(address="local", num_cpus=rcfg.num_cpus, **kwargs)
     return True
 
 

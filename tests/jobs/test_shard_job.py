@@ -53,7 +53,10 @@ def test_config_files_load():
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    if ray.is_initialized():  # another module's cluster: the job joins it, and its owner shuts it down
+        yield
+        return
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 
@@ -210,8 +213,9 @@ def test_kill_9_then_rerun_equals_clean_run(local_inputs, tmp_path, ray_local):
     out = str(tmp_path / "killed")
     cmd = [sys.executable, "-m", "jobs.cli", "shard", "--input", local_inputs, "--output", out, "--config", DEBUG,
            "ray.num_cpus=1", "ray.max_in_flight=1"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local cluster
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     work = os.path.join(out, "_work")
     deadline = time.time() + 120
