@@ -103,7 +103,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     stages: dict[str, str] = {}
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         t = time.time()
         synth_yaml = save_config(cfg.synth, conf, "synth.yaml")

@@ -281,8 +281,10 @@ def run_study(
 
     evaluate_fn = evaluate_fn or default_evaluate
     started = False
-    if not ray.is_initialized():
-        ray.init(address=address, **({} if address else {"num_cpus": cfg.num_cpus}), include_dashboard=False)
+    if not ray.is_initialized():  # --address, $RAY_ADDRESS (a Ray job), else a new local cluster
+        address = address or os.environ.get("RAY_ADDRESS")
+        local = {} if address else {"num_cpus": cfg.num_cpus}
+        ray.init(address=address or "local", include_dashboard=False, **local)
         started = True
     try:
         save_config(cfg, cfg.output, "study_config.yaml")
