@@ -16,9 +16,9 @@ import argparse
 import os
 from typing import Any
 
-from jobs.config import load_config, save_config, to_dict
+from jobs.config import load_config
 from jobs.finetune_config import FinetuneConfig
-from jobs.pretrain import AWS_ENV, local_log_dir, run_exists, storage_filesystem
+from jobs.pretrain import check_run_dir, run_trainer
 from pipeline import storage
 
 
@@ -38,64 +38,14 @@ def final_url(cfg: FinetuneConfig) -> str:
 
 def fit(cfg: FinetuneConfig, *, resume: bool = False) -> Any:
     """Run (or continue) finetuning; returns the ``ray.train.Result``. Starts a local Ray if none is up."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from jobs.finetune_loop import finetune_loop_per_worker
 
-    exists = run_exists(cfg)
-    if exists and not resume:
-        raise ValueError(
-            f"run {cfg.run_url!r} already exists; pass --resume to continue it or choose another name"
-        )
-    if resume and not exists:
-        raise ValueError(f"--resume: no checkpoint found in {cfg.run_url!r}; drop --resume to start the run")
+    check_run_dir(cfg, resume=resume)
     if cfg.pretrained and not resume:
         from jobs.finetune_loop import init_classifier
 
         init_classifier(cfg)  # a wrong path or architecture fails here, not on every worker
-    save_config(cfg, cfg.run_url, name="config.resume.yaml" if resume else "config.yaml")
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
-
-    s, f = cfg.scaling, cfg.failure
-    scaling = ray.train.ScalingConfig(
-        num_workers=(s.min_workers, s.num_workers) if s.min_workers is not None else s.num_workers,
-        use_gpu=s.use_gpu,
-        resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
-        placement_strategy=s.placement_strategy,
-        elastic_resize_monitor_interval_s=s.elastic_resize_monitor_interval_s,
-    )
-    failure = ray.train.FailureConfig(
-        max_failures=f.max_failures,
-        max_preemption_failures=f.max_preemption_failures,
-        preemption_grace_s=f.preemption_grace_s,
-        relax_collectives_on_preemption=f.relax_collectives_on_preemption,
-    )
-    path, fs = storage_filesystem(cfg.storage_path)
-    env = {k: os.environ[k] for k in AWS_ENV if k in os.environ}
-    run_config = ray.train.RunConfig(
-        name=cfg.name,
-        storage_path=path,
-        storage_filesystem=fs,
-        failure_config=failure,
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-        worker_runtime_env={"env_vars": env} if env else None,
-    )
-    log_dir = local_log_dir(cfg)
-    trainer = TorchTrainer(
-        finetune_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "log_dir": log_dir, "final_url": final_url(cfg)},
-        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=scaling,
-        run_config=run_config,
-    )
-    result = trainer.fit()
-    if storage.protocol(cfg.storage_path) != "file" and os.path.isdir(log_dir):
-        fs_remote, remote = storage.get_fs(storage.join(cfg.run_url, "logs"))
-        fs_remote.put(log_dir + "/", remote, recursive=True)
-    return result
+    return run_trainer(cfg, finetune_loop_per_worker, {"final_url": final_url(cfg)}, resume=resume)
 
 
 def run(args: argparse.Namespace) -> int:

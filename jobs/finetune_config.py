@@ -18,7 +18,14 @@ import dataclasses
 from jobs.checkpointing import CheckpointConfig
 from jobs.metrics import MetricsConfig
 from jobs.optim import OptimConfig, ScheduleConfig
-from jobs.pretrain_config import FailureSection, FaultInjection, ModelSection, ParallelConfig, ScalingSection
+from jobs.pretrain_config import (
+    FailureSection,
+    FaultInjection,
+    ModelSection,
+    ParallelConfig,
+    ScalingSection,
+    check_model_matches_loader,
+)
 from pipeline.loader import LoaderConfig
 
 MIXUP_MODES = ("batch", "pair", "elem")
@@ -104,19 +111,8 @@ class FinetuneConfig:
             raise ValueError(
                 f"parallel.strategy must be 'ddp' for finetuning, got {self.parallel.strategy!r}"
             )
-        m, ld = self.model.build(), self.loader
-        pairs = (
-            ("num_frames", m.num_frames, ld.num_frames),
-            ("img_size / input_size", m.img_size, ld.input_size),
-            ("patch_size", m.patch_size, ld.patch_size),
-            ("tubelet_size", m.tubelet_size, ld.tubelet_size),
-        )
-        for what, model_value, loader_value in pairs:
-            if model_value != loader_value:
-                raise ValueError(
-                    f"model {what} = {model_value!r} but loader has {loader_value!r}; set both "
-                    "(model.overrides.* and loader.*) to the same value"
-                )
+        ld = self.loader
+        check_model_matches_loader(self.model.build(), ld, masking=False)
         if ld.mask_type != "none":
             raise ValueError(
                 f"loader.mask_type must be 'none' for finetuning (no masking), got {ld.mask_type!r}"

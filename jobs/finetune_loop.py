@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import tempfile
 import time
 from typing import Any
 
@@ -32,7 +31,15 @@ from jobs.config import from_dict
 from jobs.finetune_config import AugmentSection, FinetuneConfig
 from jobs.metrics import MetricsLogger, StepTimer
 from jobs.optim import OptimConfig, SampleCosineSchedule, batch_plan, schedule_samples
-from jobs.train_loop import _epochs, _maybe_kill, _mean_over_ranks, _wrap, autocast_dtype
+from jobs.train_loop import (
+    _epochs,
+    _maybe_kill,
+    _mean_over_ranks,
+    _wrap,
+    autocast_dtype,
+    optimizer_step,
+    report_checkpoint,
+)
 from model import VideoMAE, VideoMAEClassifier
 from model import save_checkpoint as save_model
 from pipeline.loader import make_loader
@@ -287,17 +294,9 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
                     correct += float((logits.detach().argmax(1) == label).sum())
                     seen += len(rows)
             _maybe_kill(cfg, rank, progress.step + 1)
-            grad_norm = float("nan")
-            if cfg.optim.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
-            lr = schedule.get_last_lr()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.samples_seen += plan.global_batch
-            schedule.step(progress.samples_seen)
+            grad_norm, lr = optimizer_step(
+                model, optimizer, scaler, schedule, progress, cfg.optim.grad_clip, plan.global_batch
+            )
             step_s, wait_frac = timer.stop()
 
             done = progress.samples_seen >= total_samples
@@ -326,22 +325,10 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
             if not save:
                 ray.train.report(report)
                 continue
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt.save_checkpoint(
-                    tmp,
-                    rank=rank,
-                    model=model,
-                    optimizer=optimizer,
-                    progress=progress,
-                    scheduler_state=schedule.state_dict(),
-                    scaler_state=scaler.state_dict(),
-                    loader_state=loader.state_dict(),
-                )
-                ray.train.report(
-                    report,
-                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                    checkpoint_dir_name=ckpt.checkpoint_dir_name(progress.step),
-                )
+            report_checkpoint(
+                report, rank=rank, model=model, optimizer=optimizer, progress=progress, schedule=schedule,
+                scaler=scaler, loader=loader,
+            )  # fmt: skip
         if rank == 0 and progress.samples_seen >= total_samples:
             save_model(inner, config["final_url"])
     finally:

@@ -77,14 +77,8 @@ def local_log_dir(cfg: PretrainConfig) -> str:
     return os.path.join(tempfile.gettempdir(), "vmae-runs", f"{cfg.name}-{tag}", "logs")
 
 
-def fit(cfg: PretrainConfig, *, resume: bool = False) -> Any:
-    """Run (or continue) pretraining; returns the ``ray.train.Result``. Starts a local Ray if none is up."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from jobs.train_loop import train_loop_per_worker
-
+def check_run_dir(cfg: Any, *, resume: bool) -> None:
+    """Refuse to clobber an existing run without ``--resume`` and to resume a run that is not there."""
     exists = run_exists(cfg)
     if exists and not resume:
         raise ValueError(
@@ -92,20 +86,28 @@ def fit(cfg: PretrainConfig, *, resume: bool = False) -> Any:
         )
     if resume and not exists:
         raise ValueError(f"--resume: no checkpoint found in {cfg.run_url!r}; drop --resume to start the run")
+
+
+def run_trainer(cfg: Any, loop_fn: Any, loop_config: dict[str, Any], *, resume: bool) -> Any:
+    """Save the resolved config and run ``loop_fn`` on a Ray Train ``TorchTrainer`` built from the config's
+    ``scaling`` / ``failure`` / ``checkpoint`` sections; shared by pretraining and finetuning. Starts a local
+    Ray if none is up; uploads rank 0's local logs when the run lives on remote storage."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     save_config(cfg, cfg.run_url, name="config.resume.yaml" if resume else "config.yaml")
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
 
-    s = cfg.scaling
-    num_workers = (s.min_workers, s.num_workers) if s.min_workers is not None else s.num_workers
+    s, f = cfg.scaling, cfg.failure
     scaling = ray.train.ScalingConfig(
-        num_workers=num_workers,
+        num_workers=(s.min_workers, s.num_workers) if s.min_workers is not None else s.num_workers,
         use_gpu=s.use_gpu,
         resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
         placement_strategy=s.placement_strategy,
         elastic_resize_monitor_interval_s=s.elastic_resize_monitor_interval_s,
     )
-    f = cfg.failure
     failure = ray.train.FailureConfig(
         max_failures=f.max_failures,
         max_preemption_failures=f.max_preemption_failures,
@@ -124,8 +126,8 @@ def fit(cfg: PretrainConfig, *, resume: bool = False) -> Any:
     )
     log_dir = local_log_dir(cfg)
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "log_dir": log_dir},
+        loop_fn,
+        train_loop_config={"cfg": to_dict(cfg), "log_dir": log_dir, **loop_config},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=scaling,
         run_config=run_config,
@@ -135,6 +137,14 @@ def fit(cfg: PretrainConfig, *, resume: bool = False) -> Any:
         fs_remote, remote = storage.get_fs(storage.join(cfg.run_url, "logs"))
         fs_remote.put(log_dir + "/", remote, recursive=True)
     return result
+
+
+def fit(cfg: PretrainConfig, *, resume: bool = False) -> Any:
+    """Run (or continue) pretraining; returns the ``ray.train.Result``. Starts a local Ray if none is up."""
+    from jobs.train_loop import train_loop_per_worker
+
+    check_run_dir(cfg, resume=resume)
+    return run_trainer(cfg, train_loop_per_worker, {}, resume=resume)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,6 +20,24 @@ STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
+def check_model_matches_loader(m: VideoMAEConfig, ld: LoaderConfig, *, masking: bool) -> None:
+    """The loader must produce the clips (and, for pretraining, the masks) the model was built for."""
+    pairs = [
+        ("num_frames", m.num_frames, ld.num_frames),
+        ("img_size / input_size", m.img_size, ld.input_size),
+        ("patch_size", m.patch_size, ld.patch_size),
+        ("tubelet_size", m.tubelet_size, ld.tubelet_size),
+    ]
+    if masking:
+        pairs += [("mask_ratio", m.mask_ratio, ld.mask_ratio), ("mask_type", m.mask_type, ld.mask_type)]
+    for what, model_value, loader_value in pairs:
+        if model_value != loader_value:
+            raise ValueError(
+                f"model {what} = {model_value!r} but loader has {loader_value!r}; set both "
+                "(model.overrides.* and loader.*) to the same value"
+            )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSection:
     """A named model size (``model.config.CONFIGS``) plus field overrides, e.g. ``{mask_ratio: 0.9}``."""
@@ -132,21 +150,7 @@ class PretrainConfig:
             raise ValueError(f"stop_at_step must be >= 1 or null, got {self.stop_at_step}")
         if not self.storage_path:
             raise ValueError("storage_path must be a local folder or an s3:// URL")
-        m, ld = self.model.build(), self.loader
-        pairs = (
-            ("num_frames", m.num_frames, ld.num_frames),
-            ("img_size / input_size", m.img_size, ld.input_size),
-            ("patch_size", m.patch_size, ld.patch_size),
-            ("tubelet_size", m.tubelet_size, ld.tubelet_size),
-            ("mask_ratio", m.mask_ratio, ld.mask_ratio),
-            ("mask_type", m.mask_type, ld.mask_type),
-        )
-        for what, model_value, loader_value in pairs:
-            if model_value != loader_value:
-                raise ValueError(
-                    f"model {what} = {model_value!r} but loader has {loader_value!r}; set both "
-                    "(model.overrides.* and loader.*) to the same value"
-                )
+        check_model_matches_loader(self.model.build(), self.loader, masking=True)
         if self.parallel.strategy == "fsdp" and self.parallel.precision == "fp16":
             raise ValueError("parallel.precision fp16 needs a GradScaler; use bf16 with fsdp")
 

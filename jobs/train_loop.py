@@ -114,6 +114,62 @@ def _mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    schedule: Any,
+    progress: Any,
+    grad_clip: float | None,
+    global_batch: int,
+) -> tuple[float, float]:
+    """Clip, step, advance step/samples and the samples-keyed schedule. Returns (grad_norm, lr used)."""
+    grad_norm = float("nan")
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    lr = schedule.get_last_lr()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    progress.step += 1
+    progress.samples_seen += global_batch
+    schedule.step(progress.samples_seen)
+    return grad_norm, lr
+
+
+def report_checkpoint(
+    report: dict[str, Any],
+    *,
+    rank: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    progress: Any,
+    schedule: Any,
+    scaler: Any,
+    loader: Any,
+    sharded: bool = False,
+) -> None:
+    """Write everything an exact resume needs into a temporary folder and hand it to Ray Train."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt.save_checkpoint(
+            tmp,
+            rank=rank,
+            model=model,
+            optimizer=optimizer,
+            progress=progress,
+            scheduler_state=schedule.state_dict(),
+            scaler_state=scaler.state_dict(),
+            loader_state=loader.state_dict(),
+            sharded=sharded,
+        )
+        ray.train.report(
+            report,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=ckpt.checkpoint_dir_name(progress.step),
+        )
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``{"cfg": resolved PretrainConfig dict, "log_dir": local dir}``."""
     cfg = from_dict(PretrainConfig, config["cfg"])
@@ -208,17 +264,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 scaler.scale(loss / cfg.optim.accum_steps).backward()
                 loss_sum += float(loss.detach())
             _maybe_kill(cfg, rank, progress.step + 1)
-            grad_norm = float("nan")
-            if cfg.optim.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
-            lr = schedule.get_last_lr()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.samples_seen += plan.global_batch
-            schedule.step(progress.samples_seen)
+            grad_norm, lr = optimizer_step(
+                model, optimizer, scaler, schedule, progress, cfg.optim.grad_clip, plan.global_batch
+            )
             step_s, wait_frac = timer.stop()
 
             done = progress.samples_seen >= total_samples
@@ -246,7 +294,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "epoch": float(epoch),
                 "world_size": float(world),
                 "skipped": float(loader.stats["skipped"]),
-                "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0,
+                "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9
+                if device.type == "cuda"
+                else 0.0,
             }
             if logger is not None:
                 logger.log(progress.step, metrics)
@@ -263,23 +313,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not save:
                 ray.train.report(report)
                 continue
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt.save_checkpoint(
-                    tmp,
-                    rank=rank,
-                    model=model,
-                    optimizer=optimizer,
-                    progress=progress,
-                    scheduler_state=schedule.state_dict(),
-                    scaler_state=scaler.state_dict(),
-                    loader_state=loader.state_dict(),
-                    sharded=sharded,
-                )
-                ray.train.report(
-                    report,
-                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                    checkpoint_dir_name=ckpt.checkpoint_dir_name(progress.step),
-                )
+            report_checkpoint(
+                report, rank=rank, model=model, optimizer=optimizer, progress=progress, schedule=schedule,
+                scaler=scaler, loader=loader, sharded=sharded,
+            )  # fmt: skip
     finally:
         if logger is not None:
             logger.close()
