@@ -280,6 +280,8 @@ def run_study(
     from jobs.study_report import write_report
 
     evaluate_fn = evaluate_fn or default_evaluate
+    if storage.protocol(cfg.output) == "file":  # Ray Train workers run in another working directory
+        cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output))
     started = False
     if not ray.is_initialized():  # --address, $RAY_ADDRESS (a Ray job), else a new local cluster
         address = address or os.environ.get("RAY_ADDRESS")
