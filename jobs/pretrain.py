@@ -13,6 +13,7 @@ so a typo'd name never silently continues (or clobbers) another run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -88,6 +89,20 @@ def check_run_dir(cfg: Any, *, resume: bool) -> None:
         raise ValueError(f"--resume: no checkpoint found in {cfg.run_url!r}; drop --resume to start the run")
 
 
+def with_absolute_paths(cfg: Any) -> Any:
+    """Resolve relative local input paths against the driver's working directory before the config is
+    shipped to Ray Train workers, which run elsewhere (``loader.manifest=data/shards/manifest.json``)."""
+    loader = dataclasses.replace(
+        cfg.loader,
+        manifest=storage.absolute(cfg.loader.manifest),
+        subset=storage.absolute(cfg.loader.subset) if cfg.loader.subset else None,
+    )
+    changes: dict[str, Any] = {"loader": loader}
+    if getattr(cfg, "pretrained", None):
+        changes["pretrained"] = storage.absolute(cfg.pretrained)
+    return dataclasses.replace(cfg, **changes)
+
+
 def run_trainer(cfg: Any, loop_fn: Any, loop_config: dict[str, Any], *, resume: bool) -> Any:
     """Save the resolved config and run ``loop_fn`` on a Ray Train ``TorchTrainer`` built from the config's
     ``scaling`` / ``failure`` / ``checkpoint`` sections; shared by pretraining and finetuning. Starts a local
@@ -96,6 +111,7 @@ def run_trainer(cfg: Any, loop_fn: Any, loop_config: dict[str, Any], *, resume: 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    cfg = with_absolute_paths(cfg)
     save_config(cfg, cfg.run_url, name="config.resume.yaml" if resume else "config.yaml")
     if not ray.is_initialized():
         ray.init(include_dashboard=False)

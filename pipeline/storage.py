@@ -63,6 +63,13 @@ def protocol(url: str) -> str:
     return url.split("://", 1)[0]
 
 
+def absolute(url: str) -> str:
+    """Local paths made absolute (Ray workers run in another working directory); other URLs unchanged."""
+    if protocol(url) != "file":
+        return url
+    return os.path.abspath(url.removeprefix("file://"))
+
+
 def get_fs(url: str, cfg: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path-without-protocol) for ``url``."""
     return fsspec.core.url_to_fs(url, **storage_options(url, cfg))

@@ -1,7 +1,9 @@
 """Ray-free pieces of pretraining: checkpoint state round trips, RNG capture, metrics maths, PNG grid."""
 
+import dataclasses
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,3 +176,35 @@ def test_pretrain_config_rejects_model_loader_mismatch():
         load_config(PretrainConfig, "configs/pretrain/debug.yaml", ["scaling.min_workers=3"])
     with pytest.raises(ValueError, match="fault"):
         load_config(PretrainConfig, "configs/pretrain/debug.yaml", ["fault.rank=1"])
+
+
+def test_relative_input_paths_are_resolved_before_reaching_workers(tmp_path, monkeypatch):
+    """Ray Train workers run in another working directory: `make demo` once failed on a relative manifest."""
+    from jobs.config import load_config
+    from jobs.finetune_config import FinetuneConfig
+    from jobs.pretrain import with_absolute_paths
+    from jobs.pretrain_config import PretrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        PretrainConfig,
+        str(Path(__file__).resolve().parents[2] / "configs/pretrain/debug.yaml"),
+        ["loader.manifest=data/shards/manifest.json", "loader.subset=data/sub.parquet"],
+    )
+    out = with_absolute_paths(cfg)
+    assert out.loader.manifest == str(tmp_path / "data/shards/manifest.json")
+    assert out.loader.subset == str(tmp_path / "data/sub.parquet")
+    s3 = with_absolute_paths(
+        dataclasses.replace(
+            cfg, loader=dataclasses.replace(cfg.loader, manifest="s3://b/m.json", subset=None)
+        )
+    )
+    assert s3.loader.manifest == "s3://b/m.json" and s3.loader.subset is None
+    ft = load_config(
+        FinetuneConfig,
+        str(Path(__file__).resolve().parents[2] / "configs/finetune/debug.yaml"),
+        ["pretrained=runs/pt", "loader.manifest=file://rel/m.json"],
+    )
+    ft = with_absolute_paths(ft)
+    assert ft.pretrained == str(tmp_path / "runs/pt")
+    assert ft.loader.manifest == str(tmp_path / "rel/m.json")
