@@ -5,8 +5,10 @@ Three numbers from one checkpoint and two labelled shard sets (optionally subset
 - multi-view top-1/top-5 of a classifier checkpoint on the test split: every video is cut into
   ``clips x crops`` deterministic views (:mod:`pipeline.views`), the softmax of every view is averaged per video
   (``jobs.eval_metrics.aggregate_views``), for each configured view set (e.g. 2x3 and 5x3);
-- a linear probe and a weighted kNN on frozen features (``forward_features``: mean-pooled, normalised encoder
-  tokens) of the train split, scored on the test split (any checkpoint: pretrained or finetuned).
+- a linear probe and a weighted kNN on frozen features of the train split, scored on the test split (any
+  checkpoint: pretrained or finetuned). ``features.pool``: ``mean`` (``forward_features``: encoder tokens
+  mean-pooled over all positions, normalised; ``D``) or ``time`` (``model.videomae.time_pool``: mean over
+  space per temporal slice, slices kept in order; ``T'*D``), which keeps the temporal order motion needs.
 
 Feature extraction is a Ray job: an ``ActorPool`` of actors that each load the model once (on a GPU when the
 cluster has one) and stream whole shards; the driver shows a progress bar over shards. ``actors: 0`` runs it
@@ -62,6 +64,31 @@ class KnnSection:
             raise ValueError(f"knn.k must be >= 1 and knn.temperature > 0, got {self.k} / {self.temperature}")
 
 
+FEATURE_POOLS = ("mean", "time")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FeaturesSection:
+    """How encoder tokens become the probe/kNN feature: ``mean`` over all tokens or ``time`` (per slice)."""
+
+    pool: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.pool not in FEATURE_POOLS:
+            raise ValueError(f"features.pool must be one of {FEATURE_POOLS}, got {self.pool!r}")
+
+
+def pool_features(model: nn.Module, video_BCTHW: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+    """Frozen clip features of a batch of views: ``[B, D]`` (``mean``) or ``[B, T'*D]`` (``time``)."""
+    from model.videomae import time_pool
+
+    if pool not in FEATURE_POOLS:
+        raise ValueError(f"pool must be one of {FEATURE_POOLS}, got {pool!r}")
+    if pool == "mean":
+        return model.forward_features(video_BCTHW)
+    return time_pool(model.forward_tokens(video_BCTHW), model.cfg.grid[0])
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     """What to evaluate. ``view_sets`` are ``[clips, crops]`` pairs for classifier testing;
@@ -83,6 +110,7 @@ class EvalConfig:
     cpus_per_actor: float = 1.0
     use_gpu: bool | None = None  # None: a GPU per actor when the Ray cluster has GPUs
     knn: KnnSection = dataclasses.field(default_factory=KnnSection)
+    features: FeaturesSection = dataclasses.field(default_factory=FeaturesSection)
     probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
     storage: storage.StorageConfig = dataclasses.field(default_factory=storage.StorageConfig)
 
@@ -143,7 +171,15 @@ def load_any_checkpoint(url: str, cfg: Any = None) -> tuple[nn.Module, dict[str,
 
 
 def _shard_features(
-    model: nn.Module, url: str, keys: list[str], views: ViewSpec, *, batch_size: int, device: str, cfg: Any
+    model: nn.Module,
+    url: str,
+    keys: list[str],
+    views: ViewSpec,
+    *,
+    batch_size: int,
+    device: str,
+    cfg: Any,
+    pool: str = "mean",
 ) -> dict[str, Any]:
     """Features of the ``keys`` of one shard: ``{"keys", "labels", "feats" [n, V, D], "skipped"}``."""
     from pipeline.decode import BadSample, iter_shard, parse_label
@@ -158,7 +194,7 @@ def _shard_features(
         x = torch.cat(pending).to(device)
         amp = device.startswith("cuda")
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            f = model.forward_features(x).float().cpu()
+            f = pool_features(model, x, pool).float().cpu()
         feats.extend(f.view(-1, views.num_views, f.shape[-1]))
         pending.clear()
 
@@ -203,16 +239,23 @@ class _Extractor:
         self.model = model.eval().to(self.device)
         self.batch_size = batch_size
 
-    def shard(self, url: str, keys: list[str], views: ViewSpec, cfg: Any) -> dict[str, Any]:
+    def shard(self, url: str, keys: list[str], views: ViewSpec, cfg: Any, pool: str) -> dict[str, Any]:
         return _shard_features(
-            self.model, url, keys, views, batch_size=self.batch_size, device=self.device, cfg=cfg
+            self.model,
+            url,
+            keys,
+            views,
+            batch_size=self.batch_size,
+            device=self.device,
+            cfg=cfg,
+            pool=pool,
         )
 
 
 class FeatureExtractor:
     """The model loaded once — in ``actors`` Ray actors (one GPU each when ``use_gpu``; ``None``: when the
     cluster has GPUs), or in this process for ``actors=0`` — and reused for every split and view set.
-    Use as a context manager (the actors are killed on exit)."""
+    ``pool`` is the default ``features.pool`` (:func:`pool_features`). Use as a context manager (actors killed on exit)."""
 
     def __init__(
         self,
@@ -223,9 +266,12 @@ class FeatureExtractor:
         cpus_per_actor: float = 1.0,
         use_gpu: bool | None = None,
         storage_cfg: storage.StorageConfig | None = None,
+        pool: str = "mean",
     ) -> None:
+        if pool not in FEATURE_POOLS:
+            raise ValueError(f"pool must be one of {FEATURE_POOLS}, got {pool!r}")
         self.scfg = storage_cfg or storage.StorageConfig()
-        self.batch_size, self.actors = batch_size, []
+        self.batch_size, self.actors, self.pool = batch_size, [], pool
         if actors == 0:
             model = load_any_checkpoint(model_or_url)[0] if isinstance(model_or_url, str) else model_or_url
             self.device = "cuda" if use_gpu is not False and torch.cuda.is_available() else "cpu"
@@ -251,9 +297,13 @@ class FeatureExtractor:
         self.actors = []
 
     def run(
-        self, split: SplitSection, views: ViewSpec
+        self, split: SplitSection, views: ViewSpec, pool: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[str, str]]]:
-        """``(feats [N, V, D], labels [N], keys [N], skipped [(key, reason)])`` of a split, sorted by key."""
+        """``(feats [N, V, D], labels [N], keys [N], skipped [(key, reason)])`` of a split, sorted by key;
+        ``pool`` overrides the extractor's default (the classifier head needs ``mean`` features)."""
+        pool = pool or self.pool
+        if pool not in FEATURE_POOLS:
+            raise ValueError(f"pool must be one of {FEATURE_POOLS}, got {pool!r}")
         from pipeline.loader import LoaderConfig, load_shards
 
         shards = load_shards(LoaderConfig(manifest=split.manifest, subset=split.subset, storage=self.scfg))
@@ -261,14 +311,14 @@ class FeatureExtractor:
         results = []
         if not self.actors:
             for s in shards:
-                kw = dict(batch_size=self.batch_size, device=self.device, cfg=self.scfg)
+                kw = dict(batch_size=self.batch_size, device=self.device, cfg=self.scfg, pool=pool)
                 results.append(_shard_features(self.model, s.url, list(s.keys), views, **kw))
                 bar.update()
         else:
             from ray.util import ActorPool
 
             calls = ActorPool(self.actors).map_unordered(
-                lambda a, s: a.shard.remote(s.url, list(s.keys), views, self.scfg), shards
+                lambda a, s: a.shard.remote(s.url, list(s.keys), views, self.scfg, pool), shards
             )
             for res in calls:
                 results.append(res)
@@ -298,7 +348,7 @@ def extract_features(
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Frozen features of every selected video: ``(feats [N, V, D] float32, labels [N] int64 (-1: none),
     keys [N])``, sorted by key, views clip-major. ``kwargs`` go to :class:`FeatureExtractor` (``batch_size,
-    actors, cpus_per_actor, use_gpu, storage_cfg``). Undecodable samples are logged and left out."""
+    actors, cpus_per_actor, use_gpu, storage_cfg, pool``). Undecodable samples are logged and left out."""
     with FeatureExtractor(checkpoint_or_model, **kwargs) as ex:
         feats, labels, keys, _ = ex.run(SplitSection(manifest=manifest_url, subset=subset_url), views)
     return feats, labels, keys
@@ -348,13 +398,17 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "multiview": {},
     }
     opts = dict(
-        actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor, use_gpu=cfg.use_gpu, storage_cfg=cfg.storage
+        actors=cfg.actors,
+        cpus_per_actor=cfg.cpus_per_actor,
+        use_gpu=cfg.use_gpu,
+        storage_cfg=cfg.storage,
+        pool=cfg.features.pool,
     )
     with FeatureExtractor(model, batch_size=cfg.batch_size, **opts) as ex:
         test_sets = {}
         for pair in cfg.view_sets if classifier else ():
             s = spec(pair)
-            feats, labels, keys, skipped = test_sets[s.name] = ex.run(cfg.test, s)
+            feats, labels, keys, skipped = test_sets[s.name] = ex.run(cfg.test, s, "mean")
             m = labels >= 0
             acc = multiview_accuracy(
                 model.head, feats[m], labels[m], [k for k, y in zip(keys, m.tolist(), strict=True) if y]
@@ -364,7 +418,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if cfg.train is not None:
             fs = spec(cfg.feature_views)
             tr_f, tr_y, _, tr_skip = ex.run(cfg.train, fs)
-            te_f, te_y, _, te_skip = test_sets[fs.name] if fs.name in test_sets else ex.run(cfg.test, fs)
+            reuse = fs.name in test_sets and cfg.features.pool == "mean"
+            te_f, te_y, _, te_skip = test_sets[fs.name] if reuse else ex.run(cfg.test, fs)
     if cfg.train is not None:
         report["samples"]["train"], report["samples"]["test"] = _counts(tr_y, tr_skip), _counts(te_y, te_skip)
         tr_m, te_m = tr_y >= 0, te_y >= 0
@@ -384,6 +439,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "k": cfg.knn.k,
             "temperature": cfg.knn.temperature,
             "views": fs.name,
+            "pool": cfg.features.pool,
         }
         report["linear_probe"] = {**topk_accuracy(probe, yte), "epochs": cfg.probe.epochs, "views": fs.name}
         report.update(feature_dim=int(xtr.shape[1]), num_classes=k)

@@ -111,6 +111,20 @@ class VideoMAEDecoder(nn.Module):
         return self.head(self.norm(x_BLE[:, -num_masked:]))
 
 
+def time_pool(x_BLD: torch.Tensor, num_slices: int) -> torch.Tensor:
+    """Order-keeping clip feature ``[B, T'*D]``: tokens ``[B, L, D]`` (ordered ``(t, h, w)``) averaged over
+    the ``H'*W'`` positions of each of the ``T' = num_slices`` temporal slices, each slice layer-normalised
+    without affine parameters (as ``forward_features``), the slices concatenated in time order. Unlike the
+    mean over all tokens it keeps *when* things happen, which motion classes need."""
+    if x_BLD.ndim != 3 or num_slices < 1 or x_BLD.shape[1] % num_slices:
+        raise ValueError(
+            f"tokens must be [B, L, D] with L divisible by {num_slices}, got {list(x_BLD.shape)}"
+        )
+    x_BTD = rearrange(x_BLD, "b (t s) d -> b t s d", t=num_slices).mean(dim=2)
+    x_BTD = F.layer_norm(x_BTD, (x_BTD.shape[-1],), eps=LN_EPS)
+    return rearrange(x_BTD, "b t d -> b (t d)")
+
+
 def _check_video(cfg: VideoMAEConfig, video: torch.Tensor) -> None:
     want = (cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size)
     if not isinstance(video, torch.Tensor) or video.ndim != 5 or tuple(video.shape[1:]) != want:
@@ -241,6 +255,12 @@ class VideoMAE(nn.Module):
         pooled_BD = self.encoder(video_BCTHW).mean(dim=1)
         return F.layer_norm(pooled_BD, (pooled_BD.shape[-1],), eps=LN_EPS)
 
+    def forward_tokens(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
+        """Encoder output over all ``L`` tokens ``[B, L, D]``, unpooled (order ``(t, h, w)``), for probes
+        that pool differently from ``forward_features`` (e.g. :func:`time_pool`)."""
+        _check_video(self.cfg, video_BCTHW)
+        return self.encoder(video_BCTHW)
+
     @torch.no_grad()
     def reconstruct(
         self,
@@ -308,6 +328,11 @@ class VideoMAEClassifier(nn.Module):
         """Pooled, normalised clip embedding ``[B, D]``."""
         _check_video(self.cfg, video_BCTHW)
         return self.fc_norm(self.encoder(video_BCTHW).mean(dim=1))
+
+    def forward_tokens(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
+        """Encoder output over all ``L`` tokens ``[B, L, D]`` (no final norm, order ``(t, h, w)``)."""
+        _check_video(self.cfg, video_BCTHW)
+        return self.encoder(video_BCTHW)
 
     def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_drop(self.forward_features(video_BCTHW)))

@@ -12,8 +12,18 @@ import torch
 from jobs.cli import main
 from jobs.config import load_config
 from jobs.eval_metrics import ProbeConfig, knn_predict, linear_probe, topk_accuracy
-from jobs.evaluate import EvalConfig, SplitSection, evaluate, extract_features, load_any_checkpoint
+from jobs.evaluate import (
+    EvalConfig,
+    FeaturesSection,
+    KnnSection,
+    SplitSection,
+    evaluate,
+    extract_features,
+    load_any_checkpoint,
+    pool_features,
+)
 from model import VideoMAE, VideoMAEClassifier, get_config, save_checkpoint
+from model.videomae import time_pool
 from pipeline import storage
 from pipeline.encode import decode_all
 from pipeline.views import ViewSpec, clip_frame_indices, views_from_frames
@@ -114,6 +124,78 @@ def test_multiview_accuracy_matches_per_view_softmax_by_hand(shards, classifier,
         pipeline_probs = model.head(feats).softmax(-1).mean(1)
         assert torch.allclose(pipeline_probs, probs, atol=1e-5)
     assert "knn" not in report and "linear_probe" not in report  # no train split given
+
+
+def _time_pool_by_loop(x_BLD: torch.Tensor, t: int) -> torch.Tensor:
+    """Per temporal slice: mean of its tokens, standardised by hand (biased variance, eps 1e-6)."""
+    s = x_BLD.shape[1] // t
+    out = []
+    for i in range(t):
+        m = x_BLD[:, i * s : (i + 1) * s].mean(1)
+        mu, var = m.mean(-1, keepdim=True), m.var(-1, unbiased=False, keepdim=True)
+        out.append((m - mu) / torch.sqrt(var + 1e-6))
+    return torch.cat(out, dim=-1)
+
+
+def test_time_pool_matches_a_loop_over_temporal_slices():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4 * 6, 5) * 3 + 1
+    got = time_pool(x, 4)
+    assert got.shape == (3, 4 * 5)
+    assert torch.allclose(got, _time_pool_by_loop(x, 4), atol=1e-5)
+    # time order is kept: swapping two slices swaps the feature blocks; the all-token mean cannot tell
+    swapped = torch.cat([x[:, 6:12], x[:, :6], x[:, 12:]], dim=1)
+    assert torch.allclose(time_pool(swapped, 4)[:, :5], got[:, 5:10], atol=1e-6)
+    assert not torch.allclose(time_pool(swapped, 4), got)
+    with pytest.raises(ValueError, match="divisible by 5"):
+        time_pool(x, 5)
+    with pytest.raises(ValueError, match="features.pool"):
+        FeaturesSection(pool="max")
+    with pytest.raises(ValueError, match="pool must be one of"):
+        pool_features(VideoMAE(get_config("tiny")), torch.zeros(1, 3, 4, 32, 32), "max")
+
+
+def test_time_pooled_probe_features_match_the_encoder_tokens_by_hand(shards, classifier, tmp_path):
+    model, url = classifier
+    train, test = shards
+    cfg = EvalConfig(
+        checkpoint=url,
+        output=str(tmp_path / "report.json"),
+        train=SplitSection(manifest=train),
+        test=SplitSection(manifest=test),
+        view_sets=((2, 3),),
+        feature_views=(2, 3),  # the probe views equal a classifier view set: must not reuse its mean features
+        sampling_rate=2,
+        actors=0,
+        knn=KnnSection(k=3),
+        features=FeaturesSection(pool="time"),
+    )
+    report = evaluate(cfg)
+    t_slices, d = model.cfg.grid[0], model.cfg.encoder_width
+    assert report["feature_dim"] == t_slices * d and report["knn"]["pool"] == "time"
+    hand = _by_hand(model, test, 2, 3)  # the classifier head still sees mean features
+    top1 = sum(int(p.argmax()) == y for p, y in hand.values()) / len(hand)
+    assert report["multiview"]["2x3"]["top1"] == pytest.approx(top1)
+
+    spec = ViewSpec(num_frames=4, sampling_rate=2, input_size=32, clips=2, crops=3)
+    feats, labels, keys = extract_features(model, train, None, spec, actors=0, pool="time")
+    assert feats.shape == (15, 6, t_slices * d)
+    import webdataset as wds
+
+    root = train.rsplit("/", 1)[0]
+    by_key = {}
+    for shard in sorted(f for f in os.listdir(root) if f.endswith(".tar")):
+        for sample in wds.WebDataset(os.path.join(root, shard), shardshuffle=False):
+            frames = decode_all(sample["mp4"])
+            views = views_from_frames(frames, clip_frame_indices(len(frames), spec), spec)
+            with torch.no_grad():
+                by_key[sample["__key__"]] = _time_pool_by_loop(model.forward_tokens(views), t_slices)
+    assert keys == sorted(by_key)
+    assert torch.allclose(feats, torch.stack([by_key[k] for k in keys]), atol=1e-4)
+
+    te_f, te_y, _ = extract_features(model, test, None, spec, actors=0, pool="time")
+    knn = knn_predict(feats.mean(1), labels, te_f.mean(1), num_classes=5, k=3, temperature=0.07)
+    assert report["knn"]["top1"] == pytest.approx(topk_accuracy(knn, te_y)["top1"])
 
 
 @pytest.fixture(scope="module")
