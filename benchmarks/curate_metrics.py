@@ -24,11 +24,11 @@ import hashlib
 import itertools
 import json
 import os
-import platform
 import time
 
 import numpy as np
 import torch
+from common import machine
 from tqdm import tqdm
 
 from pipeline.encode import encode_mp4
@@ -37,21 +37,6 @@ from pipeline.synth import DOMAINS, MOTIONS, render_clip
 
 NAME = "curate_metrics"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{NAME}.json")
-
-
-def machine() -> dict:
-    model = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model,
-        "gpu": "no GPU",
-        "load_avg_1m_at_start": os.getloadavg()[0],
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 def make_clips(n: int, frames: int, size: tuple[int, int]) -> tuple[list[bytes], np.ndarray, np.ndarray]:

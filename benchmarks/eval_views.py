@@ -19,11 +19,11 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import time
 
 import numpy as np
 import torch
+from common import machine
 
 from model import VideoMAEClassifier, get_config
 from pipeline.decode import read_clip_frames
@@ -33,15 +33,6 @@ from pipeline.views import ViewSpec, clip_frame_indices, video_views, views_from
 
 NAME = "eval_views"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{NAME}.json")
-
-
-def machine() -> dict:
-    model = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    return {"cpu_count": os.cpu_count(), "cpu_model": model, "gpu": "no GPU", "python": platform.python_version(),
-            "load_avg_1m_at_start": os.getloadavg()[0], "platform": platform.platform()}  # fmt: skip
 
 
 def per_clip_views(data: bytes, spec: ViewSpec) -> torch.Tensor:

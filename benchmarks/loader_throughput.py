@@ -21,15 +21,14 @@ import hashlib
 import io
 import json
 import os
-import platform
 import tempfile
 import time
 
 import decord
-import numpy as np
 import pyarrow as pa
 import torch
 import webdataset as wds
+from common import machine, source_frames
 from tqdm import tqdm
 
 from pipeline import storage
@@ -42,20 +41,6 @@ from pipeline.transforms import apply_crop, sample_crop
 
 NAME = "loader_throughput"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{NAME}.json")
-
-
-def source_frames(i: int, frames: int, height: int = 720, width: int = 1280) -> np.ndarray:
-    """uint8 [T, H, W, 3]: a window panning over a fixed textured canvas (codes like real footage, not noise)."""
-    rng = np.random.default_rng(i)
-    yy, xx = np.mgrid[0 : height + 2 * frames, 0 : width + 3 * frames]
-    tex = (
-        rng.integers(0, 40, (yy.shape[0] // 8 + 1, xx.shape[1] // 8 + 1), dtype=np.uint8)
-        .repeat(8, 0)
-        .repeat(8, 1)
-    )
-    base = ((xx // 4 + yy // 6 + 17 * i) % 200).astype(np.uint8) + tex[: yy.shape[0], : xx.shape[1]]
-    canvas = np.stack([base, base // 2 + 20, 255 - base], -1)
-    return np.stack([canvas[2 * t : 2 * t + height, 3 * t : 3 * t + width] for t in range(frames)])
 
 
 def make_data(root: str, n: int, frames: int, copies: int) -> tuple[list[str], str]:
@@ -173,18 +158,6 @@ def rss_run(cfg: LoaderConfig, seconds: float) -> dict:
             "rss_growth_mb": max(rss[len(rss) // 4 :]) - warm}  # fmt: skip
 
 
-def machine() -> dict:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"cpu_count": os.cpu_count(), "cpu_model": model, "gpu": "no GPU", "python": platform.python_version(),
-            "torch": torch.__version__, "decord": decord.__version__,
-            "load_avg_1m_at_end": os.getloadavg()[0]}  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small run that ends within ~45 s on 2 cores")
@@ -218,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"RSS over {long['epochs']} epochs ({long['seconds']:.0f} s): after warm-up "
           f"{long['rss_mb_after_warmup']:.0f} MB, peak {long['rss_mb_peak']:.0f} MB, "
           f"end {long['rss_mb_end']:.0f} MB, growth {long['rss_growth_mb']:.1f} MB")  # fmt: skip
-    result = {"name": NAME, "quick": args.quick, "machine": machine(), "sources": n, "frames_per_source": frames,
+    result = {"name": NAME, "quick": args.quick, "machine": machine(decord=decord.__version__), "sources": n, "frames_per_source": frames,
               "shard_keys_per_source": copies,
               "clip": {"num_frames": 16, "sampling_rate": 4, "input_size": 224},
               "rate_unit": "clips per CPU-second of one single-threaded process (= clips/s per core)",

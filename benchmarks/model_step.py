@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from contextlib import nullcontext
@@ -29,6 +27,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import machine  # noqa: E402
+
 from model import VideoMAE, get_config, tube_mask  # noqa: E402
 from model.flops import pretrain_train_flops  # noqa: E402
 from model.parallelize import parallelize  # noqa: E402
@@ -36,24 +36,6 @@ from model.parallelize import parallelize  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s (SXM)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def machine(device: str) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "no GPU"
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu,
-        "torch_threads": torch.get_num_threads(),
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "load_avg_1m": os.getloadavg()[0],
-    }
 
 
 def _sync(device: str) -> None:
@@ -198,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "model_step",
         "quick": args.quick,
         "device": args.device,
-        "machine": machine(args.device),
+        "machine": machine(torch_threads=torch.get_num_threads()),
         "peak": peak_note,
         "mfu_meaning": "achieved fraction of matmul peak"
         if args.device == "cpu"

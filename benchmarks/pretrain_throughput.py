@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -29,6 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from common import machine
 
 NAME = "pretrain_throughput"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{NAME}.json")
@@ -121,24 +121,6 @@ def run_gpu(manifest: str, *, gpus: int, steps: int) -> list[dict]:
         }
         rows.append({"workers": n, **med})
     return rows
-
-
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    load = os.getloadavg()[0]  # the CI box is shared: a load above the core count means contended timings
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu,
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "load_avg_1m": load,
-    }
 
 
 def main() -> None:

@@ -21,12 +21,11 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import tempfile
 import time
 
-import numpy as np
+from common import machine, source_frames
 
 from pipeline.encode import encode_mp4
 from pipeline.transcode import TranscodeConfig, transcode_file
@@ -34,20 +33,6 @@ from pipeline.transcode import TranscodeConfig, transcode_file
 NAME = "shard_throughput"
 WARM = ["shards.max_samples=1"]  # warm-up job: 4 videos, 4 shards, so both workers also import the tar writer
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{NAME}.json")
-
-
-def source_frames(i: int, frames: int, height: int, width: int) -> np.ndarray:
-    """uint8 [T, H, W, 3]: a window panning over a textured canvas (codes like footage, not like noise)."""
-    rng = np.random.default_rng(i)
-    yy, xx = np.mgrid[0 : height + 2 * frames, 0 : width + 3 * frames]
-    tex = (
-        rng.integers(0, 40, (yy.shape[0] // 8 + 1, xx.shape[1] // 8 + 1), dtype=np.uint8)
-        .repeat(8, 0)
-        .repeat(8, 1)
-    )
-    base = ((xx // 4 + yy // 6 + 17 * i) % 200).astype(np.uint8) + tex[: yy.shape[0], : xx.shape[1]]
-    canvas = np.stack([base, base // 2 + 20, 255 - base], -1)
-    return np.stack([canvas[2 * t : 2 * t + height, 3 * t : 3 * t + width] for t in range(frames)])
 
 
 def make_sources(root: str, n: int, distinct: int, frames: int, height: int, width: int) -> list[str]:
@@ -100,15 +85,6 @@ def run_job(src: str, overrides: list[str], tmp: str) -> tuple[float, dict]:
     return stats["videos_in"] / wall, stats
 
 
-def machine() -> dict:
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-        platform.processor(),
-    )
-    return {"cpu_count": os.cpu_count(), "cpu_model": model, "gpu": "no GPU", "load_avg_1m_at_start": os.getloadavg()[0],
-            "python": platform.python_version(), "platform": platform.platform()}  # fmt: skip
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small run that ends within ~45 s on 2 cores")
@@ -157,7 +133,7 @@ def main() -> None:
         f"job / pyav at 2 workers: {ratio:.2f} (goal >= 0.9); ray start + warm-up {ray_start_s:.1f} s (not counted)"
     )
     print(
-        f"machine: {info['cpu_count']} CPUs, {info['cpu_model']}, {info['gpu']}, load avg {info['load_avg_1m_at_start']:.1f}"
+        f"machine: {info['cpu_count']} CPUs, {info['cpu_model']}, {info['gpu']}, load avg {info['load_avg_1m']:.1f}"
     )
     result = {
         "name": NAME, "quick": args.quick, "machine": info,
