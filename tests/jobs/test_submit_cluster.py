@@ -189,9 +189,8 @@ def _job_id(stderr: str) -> str:
 
 
 # (vmae submit args, text the job's logs must show; None: what the same vmae command prints when run here).
-# The debug pretrain job joins this list as ["--", "pretrain", "--config", "configs/pretrain/debug.yaml",
-# "loader.manifest=s3://...", "storage_path=s3://..."] once a shard set on shared storage (the moto S3
-# fixture: every node reads the same AWS_* variables) is cheap enough to build inside this test.
+# The debug pretrain job has its own test below (both nodes are on this machine, so a local folder is shared
+# storage for them).
 CLUSTER_JOBS = [
     pytest.param(
         ["--raw", "--", "python", "-c", NODE_CHECK], "NODES 2 RAN_ON 2\nUPLOAD True False", id="node-check"
@@ -265,3 +264,37 @@ def test_stop_a_sleeping_job_with_forwarded_env(local_cluster):
     assert re.search(rf"{job_id}\s+STOPPED", listing.stdout), listing.stdout
     unknown = local_cluster.vmae("status", "raysubmit_does_not_exist")
     assert unknown.returncode == 1 and "no job" in unknown.stderr
+
+
+def test_debug_pretrain_job_finishes_across_both_nodes(local_cluster, tmp_path):
+    """The issue's acceptance check: a debug pretrain job submitted through `vmae submit` runs its two Ray
+    Train workers on the two nodes (1 CPU each) and finishes with its checkpoints written."""
+    from tests.pipeline.shardset_helpers import make_shard_set
+
+    shards = str(tmp_path / "shards")
+    make_shard_set(shards, n_videos=16, n_shards=2, frames=16, width=64, height=48, pattern="moving")
+    runs = str(tmp_path / "runs")
+    done = local_cluster.vmae(
+        "submit",
+        "--",
+        "pretrain",
+        "--config",
+        "configs/pretrain/debug.yaml",
+        f"loader.manifest={shards}/manifest.json",
+        f"storage_path={runs}",
+        "name=cluster-debug",
+        "schedule.total_steps=4",
+        "checkpoint.every_steps=2",
+        "metrics.image_every=0",
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "pretrain cluster-debug: step 4" in done.stdout, done.stdout[-3000:]
+    status = local_cluster.vmae("status", _job_id(done.stderr))
+    assert "status: SUCCEEDED" in status.stdout, status.stdout + status.stderr
+    steps = sorted(p.name for p in (tmp_path / "runs" / "cluster-debug").glob("step_*"))
+    assert steps == ["step_00000002", "step_00000004"], steps
+    metrics = [
+        json.loads(line) for line in open(tmp_path / "runs" / "cluster-debug" / "logs" / "metrics.jsonl")
+    ]
+    assert {int(m["world_size"]) for m in metrics} == {2}
