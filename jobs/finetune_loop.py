@@ -39,6 +39,7 @@ from jobs.train_loop import (
     autocast_dtype,
     optimizer_step,
     report_checkpoint,
+    restore_progress,
 )
 from model import VideoMAE, VideoMAEClassifier
 from model import save_checkpoint as save_model
@@ -229,18 +230,11 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         ckpt.seed_everything(cfg.seed * 100_003 + rank)
         if cdir:
-            trainer_state = ckpt.read_trainer_state(cdir)
             ckpt.load_optimizer(optimizer, cdir)
-            progress = ckpt.TrainProgress.from_state_dict(trainer_state["progress"])
-            schedule.load_state_dict(trainer_state["scheduler"])
-            scaler.load_state_dict(trainer_state["scaler"])
-            rank_state = ckpt.read_rank_state(cdir, rank, progress.world_size)
-            loader.load_state_dict(rank_state["loader"])
-            if rank_state["rng"] is not None:
-                ckpt.set_rng_state(rank_state["rng"])
-            else:
-                ckpt.seed_everything(cfg.seed * 100_003 + rank + 7919 * progress.step)
-            progress.world_size = world
+            progress = restore_progress(
+                cdir, ckpt.read_trainer_state(cdir), schedule=schedule, scaler=scaler, loader=loader,
+                rank=rank, world=world, seed=cfg.seed,
+            )  # fmt: skip
 
     mixup = make_mixup(cfg.augment, cfg.num_classes)
     criterion = make_criterion(cfg.augment)

@@ -114,6 +114,32 @@ def _mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def restore_progress(
+    cdir: str,
+    trainer_state: dict[str, Any],
+    *,
+    schedule: Any,
+    scaler: Any,
+    loader: Any,
+    rank: int,
+    world: int,
+    seed: int,
+) -> Any:
+    """Restore schedule, scaler, this rank's loader cursor and RNG from a checkpoint (model and optimizer are
+    loaded by the caller, sharded or not). Returns the run's progress, now at the current world size."""
+    progress = ckpt.TrainProgress.from_state_dict(trainer_state["progress"])
+    schedule.load_state_dict(trainer_state["scheduler"])
+    scaler.load_state_dict(trainer_state["scaler"])
+    rank_state = ckpt.read_rank_state(cdir, rank, progress.world_size)
+    loader.load_state_dict(rank_state["loader"])
+    if rank_state["rng"] is not None:
+        ckpt.set_rng_state(rank_state["rng"])
+    else:  # saved by another world size: no RNG for this rank, derive a fresh, deterministic one
+        ckpt.seed_everything(seed * 100_003 + rank + 7919 * progress.step)
+    progress.world_size = world
+    return progress
+
+
 def optimizer_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -216,16 +242,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ckpt.load_sharded(model, optimizer, cdir)
             else:
                 ckpt.load_optimizer(optimizer, cdir)
-            progress = ckpt.TrainProgress.from_state_dict(trainer_state["progress"])
-            schedule.load_state_dict(trainer_state["scheduler"])
-            scaler.load_state_dict(trainer_state["scaler"])
-            rank_state = ckpt.read_rank_state(cdir, rank, progress.world_size)
-            loader.load_state_dict(rank_state["loader"])
-            if rank_state["rng"] is not None:
-                ckpt.set_rng_state(rank_state["rng"])
-            else:
-                ckpt.seed_everything(cfg.seed * 100_003 + rank + 7919 * progress.step)
-            progress.world_size = world
+            progress = restore_progress(
+                cdir, trainer_state, schedule=schedule, scaler=scaler, loader=loader,
+                rank=rank, world=world, seed=cfg.seed,
+            )  # fmt: skip
 
     logger = MetricsLogger(config["log_dir"], tensorboard=cfg.metrics.tensorboard) if rank == 0 else None
     peak_total = (
