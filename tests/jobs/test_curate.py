@@ -121,15 +121,6 @@ def test_curate_job_end_to_end(shard_set, tmp_path, capsys):
     assert sub.source_manifest == manifest_url
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_missing_shard_fails_the_job(shard_set, ray_cluster, tmp_path):
     _, manifest_url, root = shard_set

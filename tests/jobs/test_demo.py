@@ -30,15 +30,6 @@ def test_overrides_apply_on_top_of_the_embedded_default():
     assert main(["synth.videos_per_class=0"]) == 2  # a bad value is reported, not raised
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_demo_small_then_rerun_skips(ray_cluster, tmp_path):

@@ -198,15 +198,6 @@ def test_time_pooled_probe_features_match_the_encoder_tokens_by_hand(shards, cla
     assert report["knn"]["top1"] == pytest.approx(topk_accuracy(knn, te_y)["top1"])
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.s3
 def test_cli_probe_and_knn_report_on_s3_via_ray_actors(shards, ray_cluster, s3_bucket, tmp_path):

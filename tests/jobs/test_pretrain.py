@@ -27,15 +27,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("shards"))
     make_shard_set(root, n_videos=32, n_shards=4, frames=16, width=64, height=48, pattern="moving")

@@ -49,18 +49,6 @@ def test_config_files_load():
         debug_config("transcode.short=3")
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    if ray.is_initialized():  # another module's cluster: the job joins it, and its owner shuts it down
-        yield
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def write_inputs(put) -> None:
     """12 labelled 128x96 videos (one 3.2 s long: 2 clips), every test-video kind under ``misc/``."""
     for c, name in enumerate(("jump", "run", "swim")):
@@ -115,7 +103,7 @@ def check_shard_set(out: str, st: storage.StorageConfig | None = None) -> tuple[
     return m, rows
 
 
-def test_local_end_to_end(local_inputs, tmp_path, ray_local, capsys):
+def test_local_end_to_end(local_inputs, tmp_path, ray_cluster, capsys):
     out = str(tmp_path / "shards")
     stats = shard(local_inputs, out, debug_config())
     n_in = 12 + len(BAD) + len(GOOD)
@@ -179,7 +167,7 @@ def _videos(root: str) -> list[str]:
     return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
 
 
-def test_resume_after_crash_between_shards_and_overwrite(local_inputs, tmp_path, ray_local):
+def test_resume_after_crash_between_shards_and_overwrite(local_inputs, tmp_path, ray_cluster):
     out = str(tmp_path / "s")
     cfg = debug_config("keep_work=true")
     shard(local_inputs, out, cfg)
@@ -207,7 +195,7 @@ def test_resume_after_crash_between_shards_and_overwrite(local_inputs, tmp_path,
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_equals_clean_run(local_inputs, tmp_path, ray_local):
+def test_kill_9_then_rerun_equals_clean_run(local_inputs, tmp_path, ray_cluster):
     clean = str(tmp_path / "clean")
     shard(local_inputs, clean, debug_config())
     out = str(tmp_path / "killed")
@@ -251,7 +239,7 @@ def test_kill_9_then_rerun_equals_clean_run(local_inputs, tmp_path, ray_local):
 
 
 @pytest.mark.s3
-def test_s3_end_to_end(s3_bucket, ray_local, tmp_path):
+def test_s3_end_to_end(s3_bucket, ray_cluster, tmp_path):
     import pyarrow.fs as pafs
     import ray
 

@@ -155,15 +155,6 @@ def test_report_table_and_plots(tmp_path):
     assert open(files["masking_ratio"], "rb").read(8) == PNG_MAGIC
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_debug_study_end_to_end_and_rerun(ray_cluster, tmp_path):
