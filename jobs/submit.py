@@ -39,6 +39,7 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "/runs/",
     "/data/",
     "/demo_out/",
+    "/studies/",  # vmae study's default output folder
     "/benchmarks/results/tmp/",
     "/.whl/",
     "__pycache__/",
