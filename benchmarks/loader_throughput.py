@@ -31,11 +31,13 @@ import webdataset as wds
 from common import machine, source_frames
 from tqdm import tqdm
 
+from model.config import get_config
 from pipeline import storage
-from pipeline.clips import clip_masks, sample_frame_indices, sample_generator
+from pipeline.clips import sample_frame_indices, sample_generator
 from pipeline.encode import encode_mp4
 from pipeline.loader import LoaderConfig, make_loader
 from pipeline.manifest import INDEX_NAME, Manifest, ShardInfo, write_manifest, write_table_atomic
+from pipeline.masking import clip_masks
 from pipeline.transcode import TranscodeConfig, transcode
 from pipeline.transforms import apply_crop, sample_crop
 
@@ -92,9 +94,13 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+# the clip of the paper's recipe: 16 frames of 224^2 in 2 x 16^2 tubelets, tube mask 0.9 (model/config.py)
+SPEC = get_config("vit_b").clip_spec()
+
+
 def loader_clips(cfg: LoaderConfig):
     """Endless: clips per batch of the shard loader, epoch after epoch."""
-    loader = make_loader(cfg)
+    loader = make_loader(cfg, SPEC)
     while True:
         for batch in loader:
             yield batch["video"].shape[0]
@@ -103,13 +109,13 @@ def loader_clips(cfg: LoaderConfig):
 def source_clips(paths: list[str], cfg: LoaderConfig):
     """Endless: the official path, one clip per step - open the full-resolution file, sample, decode, same
     transforms and mask."""
-    spec, epoch = cfg.clip_spec(), 0
+    spec, epoch = SPEC, 0
     while True:
         for i, path in enumerate(paths):
             key = f"v{i:05d}"
             vr = decord.VideoReader(path, num_threads=1)
             g_time = sample_generator(0, epoch, key, "time")
-            idx = sample_frame_indices(len(vr), spec.num_frames, spec.sampling_rate, g_time)
+            idx = sample_frame_indices(len(vr), spec.num_frames, cfg.sampling_rate, g_time)
             frames = torch.from_numpy(vr.get_batch(idx).asnumpy()).permute(0, 3, 1, 2)
             g = sample_generator(0, epoch, key, "aug0")
             crop = sample_crop(frames.shape[-1], frames.shape[-2], input_size=spec.input_size, generator=g)
@@ -147,7 +153,7 @@ def interleaved(paths: dict[str, object], seconds: float, block_s: float) -> dic
 def rss_run(cfg: LoaderConfig, seconds: float) -> dict:
     """Whole epochs of the loader for ``seconds`` (at least one); RSS (MB) sampled every batch. Growth is
     measured after the first quarter of the batches (imports and first-use allocations done)."""
-    loader = make_loader(cfg)
+    loader = make_loader(cfg, SPEC)
     rss, t0 = [], time.perf_counter()
     while not rss or time.perf_counter() - t0 < seconds:
         for _ in loader:

@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import machine  # noqa: E402
 
-from model import VideoMAE, get_config, tube_mask  # noqa: E402
+from model import VideoMAE, get_config  # noqa: E402
 from model.flops import pretrain_train_flops  # noqa: E402
 from model.parallelize import parallelize  # noqa: E402
+from pipeline.masking import tube_mask  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s (SXM)

@@ -1,7 +1,7 @@
 """Pretraining throughput: clips/s and MFU vs number of data-parallel workers (1 vs 2), side by side.
 
 CPU path (default): DDP over gloo with ``torch.multiprocessing`` processes, one torch thread each, the same
-model / optimizer / mask code as ``jobs.train_loop`` on random clips (so the number isolates compute and
+model / optimizer / mask code as ``jobs.trainer`` on random clips (so the number isolates compute and
 gradient all-reduce; data loading is measured by ``benchmarks/loader_throughput.py``). Per-worker batch is
 fixed, as in the resize policy: 2 workers should give ~2x clips/s on 2 cores (weak scaling). MFU's
 denominator is the measured single-thread fp32 GEMM peak (``jobs.metrics.measure_cpu_peak_flops``) per worker.
@@ -40,7 +40,8 @@ def _worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
 
     from jobs.metrics import measure_cpu_peak_flops
     from jobs.optim import OptimConfig, build_optimizer
-    from model import VideoMAE, get_config, tube_mask
+    from model import VideoMAE, get_config
+    from pipeline.masking import tube_mask
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -100,9 +101,10 @@ def run_cpu(model_kw: dict, *, batch: int, steps: int, warmup: int, workers: int
 def run_gpu(manifest: str, *, gpus: int, steps: int) -> list[dict]:
     """The real job on GPUs (vit_b recipe); medians over steps after the first 5."""
     from jobs.config import load_config
+    from jobs.launch import local_log_dir
     from jobs.metrics import read_metrics
-    from jobs.pretrain import fit, local_log_dir
-    from jobs.pretrain_config import PretrainConfig
+    from jobs.pretrain import fit
+    from jobs.train_config import PretrainConfig
 
     rows = []
     for n in sorted({1, gpus}):

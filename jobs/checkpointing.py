@@ -1,16 +1,23 @@
-"""Everything an exact resume needs, written into one Ray Train checkpoint directory.
+"""Train state: everything an exact resume needs, written into one Ray Train checkpoint directory, and the one
+reader every job uses to get a model out of any checkpoint (:func:`load_any_checkpoint`).
+
+The trainer keeps its state-holding parts in one dict (``jobs.trainer.Trainer.state``): ``model``,
+``optimizer``, ``schedule``, ``scaler``, ``progress`` (one copy for the run, written by rank 0) and ``loader``,
+``rng`` (one per rank). :func:`save_train_state` and :func:`load_train_state` are the one path in and out.
 
 Layout of a checkpoint directory (one per reported step, ``step_{step:08d}``; Ray Train merges what every
 rank reports into it)::
 
-    trainer.pt      rank 0: step, samples seen, world size, scheduler + grad-scaler state
-    model.pt        rank 0 (DDP): the plain, unwrapped model ``state_dict`` (what finetuning loads)
+    model.safetensors + vmae.json   rank 0 (DDP): the unwrapped model as an exported model
+                                    (``model.save_checkpoint``), so any step loads like a finished run
     optim.pt        rank 0 (DDP): the optimizer ``state_dict``
     sharded/        FSDP2: model + optimizer as a torch.distributed.checkpoint (DCP) set, one file per rank
+    trainer.pt      rank 0: format version, progress, schedule + grad-scaler state, whether sharded
     rank_{r}.pt     every rank: its loader state and its torch / numpy / python RNG states
 
-Every file is written with ``torch.save`` from tensors and plain Python containers only, so all of them load
-with ``weights_only=True`` (numpy / python RNG states are converted to tensors for that reason).
+A finished run also exports its model to ``<run dir>/final`` (``jobs.trainer``). Every ``.pt`` file is written
+with ``torch.save`` from tensors and plain Python containers only, so all of them load with
+``weights_only=True`` (numpy / python RNG states are converted to tensors for that reason).
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ import numpy as np
 import torch
 
 TRAINER_FILE = "trainer.pt"
-MODEL_FILE = "model.pt"
 OPTIM_FILE = "optim.pt"
 SHARDED_DIR = "sharded"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the model is an exported model (safetensors + vmae.json), not model.pt
+FINAL_DIR = "final"
+RUN_PARTS = ("progress", "schedule", "scaler")  # one copy per run (rank 0)
+RANK_PARTS = ("loader", "rng")  # one copy per rank
 
 
 def rank_file(rank: int) -> str:
@@ -65,13 +74,15 @@ class TrainProgress:
     def state_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        self.world_size = int(state["world_size"])
+
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> TrainProgress:
-        return cls(
-            step=int(state["step"]),
-            samples_seen=int(state["samples_seen"]),
-            world_size=int(state["world_size"]),
-        )
+        progress = cls()
+        progress.load_state_dict(state)
+        return progress
 
 
 def rng_state() -> dict[str, Any]:
@@ -130,23 +141,26 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def save_checkpoint(
-    directory: str,
-    *,
-    rank: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    progress: TrainProgress,
-    scheduler_state: dict[str, Any],
-    scaler_state: dict[str, Any],
-    loader_state: dict[str, Any],
-    sharded: bool = False,
-) -> None:
-    """Write this rank's part of a checkpoint into local ``directory`` (then reported to Ray Train).
+class RNGState:
+    """This process's RNG streams as a stateful part (``state_dict`` / ``load_state_dict``), so they are saved and
+    restored like every other part of the train state."""
 
-    ``sharded=True`` (FSDP2) is collective: every rank must call it; it writes a DCP set under ``sharded/``.
-    """
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state)
+
+
+def save_train_state(directory: str, state: dict[str, Any], *, rank: int, sharded: bool = False) -> None:
+    """Write this rank's part of the train state ``state`` (the trainer's parts: ``model``, ``optimizer``,
+    :data:`RUN_PARTS`, :data:`RANK_PARTS`) into local ``directory`` (then reported to Ray Train).
+
+    ``sharded=True`` (FSDP2) is collective: every rank must call it; it writes a DCP set under ``sharded/``."""
+    from model.checkpoint import save_checkpoint
+
     os.makedirs(directory, exist_ok=True)
+    model, optimizer = state["model"], state["optimizer"]
     if sharded:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -155,24 +169,48 @@ def save_checkpoint(
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, SHARDED_DIR))
     if rank == 0:
         if not sharded:
-            torch.save(unwrap(model).state_dict(), os.path.join(directory, MODEL_FILE))
+            save_checkpoint(unwrap(model), directory)
             torch.save(optimizer.state_dict(), os.path.join(directory, OPTIM_FILE))
-        trainer = {
-            "version": FORMAT_VERSION,
-            "progress": progress.state_dict(),
-            "scheduler": scheduler_state,
-            "scaler": scaler_state,
-            "sharded": sharded,
-        }
-        torch.save(trainer, os.path.join(directory, TRAINER_FILE))
-    torch.save({"loader": loader_state, "rng": rng_state()}, os.path.join(directory, rank_file(rank)))
+        run = {name: state[name].state_dict() for name in RUN_PARTS}
+        torch.save(
+            {"version": FORMAT_VERSION, "sharded": sharded, **run}, os.path.join(directory, TRAINER_FILE)
+        )
+    per_rank = {name: state[name].state_dict() for name in RANK_PARTS}
+    torch.save(per_rank, os.path.join(directory, rank_file(rank)))
+
+
+def load_train_state(
+    directory: str, state: dict[str, Any], *, rank: int, world_size: int, reseed: Any, sharded: bool = False
+) -> None:
+    """Restore every part of ``state`` from ``directory`` (inverse of :func:`save_train_state`); ``model`` may
+    already be wrapped (DDP, compile) or sharded (FSDP2, collective). The progress is moved to the current
+    ``world_size``. After a resize, ranks that did not exist before take rank 0's loader state (the loader
+    re-splits by its global cursor) and ``reseed(step)`` instead of a saved RNG state."""
+    trainer = read_trainer_state(directory)
+    if bool(trainer["sharded"]) != sharded:
+        raise ValueError(f"checkpoint {directory!r} and run disagree on parallel.strategy (fsdp vs ddp)")
+    if sharded:
+        load_sharded(state["model"], state["optimizer"], directory)
+    else:
+        load_model_weights(state["model"], directory)
+        load_optimizer(state["optimizer"], directory)
+    for name in RUN_PARTS:
+        state[name].load_state_dict(trainer[name])
+    progress = state["progress"]
+    per_rank = read_rank_state(directory, rank, progress.world_size)
+    state["loader"].load_state_dict(per_rank["loader"])
+    if per_rank["rng"] is not None:
+        state["rng"].load_state_dict(per_rank["rng"])
+    else:
+        reseed(progress.step)
+    progress.world_size = world_size
 
 
 def read_trainer_state(directory: str) -> dict[str, Any]:
-    """``trainer.pt`` of a checkpoint: progress, scheduler, scaler, whether the weights are sharded."""
+    """``trainer.pt`` of a checkpoint: format version, whether sharded, and the run-wide parts' states."""
     path = os.path.join(directory, TRAINER_FILE)
     if not os.path.exists(path):
-        raise ValueError(f"checkpoint {directory!r} has no {TRAINER_FILE}; not a vmae pretrain checkpoint")
+        raise ValueError(f"checkpoint {directory!r} has no {TRAINER_FILE}; not a vmae training checkpoint")
     state = torch.load(path, weights_only=True)
     if state.get("version") != FORMAT_VERSION:
         raise ValueError(
@@ -182,9 +220,12 @@ def read_trainer_state(directory: str) -> dict[str, Any]:
 
 
 def load_model_weights(model: torch.nn.Module, directory: str) -> None:
-    """Load ``model.pt`` into the (unwrapped, unsharded) ``model`` before it is wrapped for DDP."""
-    state = torch.load(os.path.join(directory, MODEL_FILE), weights_only=True, map_location="cpu")
-    unwrap(model).load_state_dict(state)
+    """Load the exported model of a (DDP) checkpoint into ``model`` (unwrapped through DDP/compile)."""
+    from safetensors.torch import load_file
+
+    from model.checkpoint import WEIGHTS
+
+    unwrap(model).load_state_dict(load_file(os.path.join(directory, WEIGHTS), device="cpu"))
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, directory: str) -> None:
@@ -233,3 +274,43 @@ def latest_checkpoint_dir(run_url: str) -> str | None:
         if storage.exists(storage.join(url, TRAINER_FILE)):
             return url
     return None
+
+
+def model_url(url: str) -> str:
+    """The exported model a checkpoint URL stands for: a model directory or file itself; a training
+    checkpoint (``<run>/step_*``); a run directory's ``final`` export, else its latest checkpoint."""
+    from model.checkpoint import VMAE_META
+    from pipeline import storage
+
+    fs, path = storage.get_fs(url)
+    if not fs.exists(path):
+        raise ValueError(f"checkpoint {url!r} does not exist")
+    if not fs.isdir(path) or not storage.exists(storage.join(url, TRAINER_FILE)):
+        final = storage.join(url, FINAL_DIR)
+        if storage.exists(storage.join(final, VMAE_META)):
+            return final
+        step = latest_checkpoint_dir(url)
+        if step is None:
+            return url  # a model directory or file: model.load_checkpoint says what it is
+        url = step
+    if not storage.exists(storage.join(url, VMAE_META)):
+        raise ValueError(
+            f"checkpoint {url!r} holds no exported model (an FSDP-sharded step); use the run's "
+            f"{FINAL_DIR}/ export"
+        )
+    return url
+
+
+def load_any_checkpoint(url: str, cfg: Any = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A ``VideoMAE`` or ``VideoMAEClassifier`` from any checkpoint this project meets (:func:`model_url`):
+    ``vmae``/``hf`` directories and official ``.pth`` files (``model.load_checkpoint``), a training run's
+    checkpoint or the run directory itself. ``cfg`` (a ``VideoMAEConfig``) is the architecture of an official
+    ``.pth``, which carries none (inferred for the paper's widths when omitted); a directory knows its own.
+    Returns ``(model, meta)``; the model is on CPU in eval mode and ``meta["url"]`` is what was read."""
+    from model import load_checkpoint
+    from pipeline import storage
+
+    target = model_url(url)
+    fs, path = storage.get_fs(target)
+    model, meta = load_checkpoint(target, cfg=cfg if not fs.isdir(path) else None)
+    return model.eval(), meta

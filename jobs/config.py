@@ -136,10 +136,13 @@ def load_yaml(url: str) -> dict:
     return data
 
 
-def load_config(cls: type[T], url: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Load YAML ``url`` (or the dataclass defaults when None), apply overrides, validate."""
+def load_config(
+    cls: type[T], url: str | None = None, overrides: list[str] | tuple[str, ...] = (), **fields: Any
+) -> T:
+    """Load YAML ``url`` (or the dataclass defaults when None), apply the user's ``a.b=c`` overrides, then set
+    the top-level ``fields`` a caller computed (typed values, e.g. a ``SplitSection``), and validate."""
     data = load_yaml(url) if url else {}
-    data = apply_overrides(data, overrides)
+    data = {**apply_overrides(data, overrides), **fields}
     return from_dict(cls, data, where=url or cls.__name__)
 
 

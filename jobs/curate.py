@@ -123,6 +123,10 @@ def run_curation(manifest_url: str, output: str, cfg: CurateConfig, *, address: 
     return summary
 
 
+CONFIG_DIR = "configs/curate"  # where this command's --config YAMLs live (jobs.cli.config_registry)
+CONFIG_CLASS = CurateConfig
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", required=True, help="shard-set manifest.json URL (or its folder)")
     parser.add_argument("--output", required=True, help="curation.parquet URL, or a folder to hold it")

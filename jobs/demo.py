@@ -88,8 +88,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     import ray
 
     from jobs import checkpointing as ckpt
-    from jobs.pretrain import local_log_dir, run_exists
-    from jobs.pretrain_config import PretrainConfig
+    from jobs.launch import local_log_dir, run_exists
+    from jobs.train_config import PretrainConfig
 
     out = cfg.out.rstrip("/")
     bucket = storage.join(out, "bucket")

@@ -1,29 +1,102 @@
 """``vmae pretrain --config configs/pretrain/<name>.yaml [k=v ...] [--address ADDR] [--resume]``.
 
-Wires ``PretrainConfig`` into a Ray Train V2 ``TorchTrainer``: workers (gloo on CPU, NCCL on GPU), elastic
-``ScalingConfig(num_workers=(min, max))``, ``FailureConfig`` (worker failures and node preemptions are retried
-from the latest checkpoint), ``CheckpointConfig(num_to_keep=K)``, storage on a local folder or S3.
-
-Resume: Ray Train V2 dropped ``resume_from_checkpoint=``; a run started again with the same ``name`` and
-``storage_path`` restores its checkpoint list from the run directory and hands the latest checkpoint to the
-workers. So ``--resume`` means "reuse that run directory"; without it an existing run directory is refused,
-so a typo'd name never silently continues (or clobbers) another run.
+VideoMAE pretraining with Ray Train: :class:`PretrainTask` is what pretraining adds to the one trainer
+(``jobs.trainer``) — a ``VideoMAE`` on masked clips, AdamW without weight decay on norms and biases, the
+normalised-pixel loss, MFU from the analytic FLOP count and a reconstruction PNG every ``metrics.image_every``
+steps. The run is wired and resumed by ``jobs.launch.fit``; when the schedule completes, rank 0 exports the
+model to ``<run dir>/final``, which ``vmae eval``, ``vmae finetune`` and ``vmae study`` read.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import os
-import tempfile
 from typing import Any
 
-from jobs.config import load_config, save_config, to_dict
-from jobs.pretrain_config import PretrainConfig
-from pipeline import storage
+import torch
+from torch import nn
 
-AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+from jobs.config import load_config
+from jobs.train_config import PretrainConfig
+from pipeline import storage
+from pipeline.masking import ClipSpec
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+class PretrainTask:
+    """Masked autoencoding: the loss of ``VideoMAE(video, mask)`` on the loader's masked clips."""
+
+    config_class = PretrainConfig
+    unit = "clips"
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        self.cfg = cfg
+        self.model_cfg = cfg.model.build()
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def clip_spec(self) -> ClipSpec:
+        return self.model_cfg.clip_spec(masking=True)
+
+    def build_model(self, *, resuming: bool) -> nn.Module:
+        from model import VideoMAE
+
+        return VideoMAE(self.model_cfg)
+
+    def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        from jobs.optim import build_optimizer
+
+        return build_optimizer(model, self.cfg.optim, lr=lr)
+
+    def forward(
+        self, model: nn.Module, batch: dict[str, Any], device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        video = batch["video"].to(device, non_blocking=True)
+        mask = batch["mask"].to(device, non_blocking=True)
+        loss, pred = model(video, mask)
+        self._last = (video, mask, pred)
+        return loss, {}
+
+    def summarize(self, stats: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    def flops_per_sample(self) -> float:
+        """Analytic training FLOPs per clip (forward + backward) from ``model.flops``."""
+        from model.flops import pretrain_train_flops
+
+        return float(pretrain_train_flops(self.model_cfg))
+
+    def on_log(self, step: int, log_dir: str, model: nn.Module) -> None:
+        """Reconstruction PNG of the first clip of the last micro-batch."""
+        if self._last is not None:
+            save_grid(os.path.join(log_dir, "images", f"step_{step:08d}.png"), model, *self._last)
+
+
+def save_grid(
+    path: str, model: nn.Module, video: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor
+) -> None:
+    """Original / masked / reconstruction PNG of ``video[0]`` (``pred`` holds the whole micro-batch)."""
+    from jobs.metrics import pixel_mask, save_reconstruction_grid
+    from model import VideoMAE
+
+    cfg = model.cfg
+    # the class function, not the instance method: FSDP registers the latter as a collective forward
+    recon = VideoMAE.reconstruct(model, video[:1], pred[:1].detach(), mask[:1])[0]
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None, None]
+    orig = video[0].detach().float().cpu() * std + mean
+    pmask = pixel_mask(mask[0].cpu(), grid=cfg.grid, tubelet=cfg.tubelet_size, patch=cfg.patch_size)
+    save_reconstruction_grid(path, orig, pmask, recon.cpu())
+
+
+def fit(cfg: PretrainConfig, *, resume: bool = False) -> Any:
+    """Run (or continue) pretraining; returns the ``ray.train.Result``. Starts a local Ray if none is up."""
+    from jobs.launch import fit as launch
+
+    return launch(cfg, PretrainTask, resume=resume)
+
+
+CONFIG_DIR = "configs/pretrain"  # where this command's --config YAMLs live (jobs.cli.config_registry)
+CONFIG_CLASS = PretrainConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,136 +104,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. optim.base_lr=1e-4")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     parser.add_argument("--resume", action="store_true", help="continue the run in storage_path/name")
-
-
-def storage_filesystem(storage_path: str) -> tuple[str, Any]:
-    """(storage_path, pyarrow filesystem or None) for Ray Train. S3 URLs get an explicit pyarrow S3
-    filesystem so a custom endpoint (``AWS_ENDPOINT_URL``: MinIO, moto) is honoured."""
-    if storage.protocol(storage_path) not in ("s3", "s3a"):
-        return os.path.abspath(storage_path) if storage.protocol(
-            storage_path
-        ) == "file" else storage_path, None
-    import pyarrow.fs
-
-    opts = storage.storage_options(storage_path)
-    endpoint = opts.get("endpoint_url")
-    kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
-    if endpoint:
-        scheme, host = endpoint.split("://", 1) if "://" in endpoint else ("https", endpoint)
-        kwargs.update(endpoint_override=host, scheme=scheme)
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        kwargs.update(
-            access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY")
-        )
-    return storage_path.split("://", 1)[1].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
-
-
-def run_exists(cfg: PretrainConfig) -> bool:
-    """Whether ``storage_path/name`` already holds a Ray Train run (its checkpoint-manager snapshot or a
-    checkpoint)."""
-    from jobs.checkpointing import latest_checkpoint_dir
-
-    if latest_checkpoint_dir(cfg.run_url) is not None:
-        return True
-    fs, path = storage.get_fs(cfg.run_url)
-    try:
-        return any("checkpoint_manager_snapshot" in p for p in fs.ls(path, detail=False))
-    except FileNotFoundError:
-        return False
-
-
-def local_log_dir(cfg: PretrainConfig) -> str:
-    """Where rank 0 writes metrics.jsonl / TensorBoard / PNGs: ``<run dir>/logs`` on local storage, a local
-    folder for remote storage (synced to ``<run dir>/logs`` when the run ends)."""
-    if storage.protocol(cfg.storage_path) == "file":
-        return os.path.join(os.path.abspath(cfg.storage_path), cfg.name, "logs")
-    tag = hashlib.sha1(cfg.run_url.encode()).hexdigest()[:10]
-    return os.path.join(tempfile.gettempdir(), "vmae-runs", f"{cfg.name}-{tag}", "logs")
-
-
-def check_run_dir(cfg: Any, *, resume: bool) -> None:
-    """Refuse to clobber an existing run without ``--resume`` and to resume a run that is not there."""
-    exists = run_exists(cfg)
-    if exists and not resume:
-        raise ValueError(
-            f"run {cfg.run_url!r} already exists; pass --resume to continue it or choose another name"
-        )
-    if resume and not exists:
-        raise ValueError(f"--resume: no checkpoint found in {cfg.run_url!r}; drop --resume to start the run")
-
-
-def with_absolute_paths(cfg: Any) -> Any:
-    """Resolve relative local input paths against the driver's working directory before the config is
-    shipped to Ray Train workers, which run elsewhere (``loader.manifest=data/shards/manifest.json``)."""
-    loader = dataclasses.replace(
-        cfg.loader,
-        manifest=storage.absolute(cfg.loader.manifest),
-        subset=storage.absolute(cfg.loader.subset) if cfg.loader.subset else None,
-    )
-    changes: dict[str, Any] = {"loader": loader}
-    if getattr(cfg, "pretrained", None):
-        changes["pretrained"] = storage.absolute(cfg.pretrained)
-    return dataclasses.replace(cfg, **changes)
-
-
-def run_trainer(cfg: Any, loop_fn: Any, loop_config: dict[str, Any], *, resume: bool) -> Any:
-    """Save the resolved config and run ``loop_fn`` on a Ray Train ``TorchTrainer`` built from the config's
-    ``scaling`` / ``failure`` / ``checkpoint`` sections; shared by pretraining and finetuning. Starts a local
-    Ray if none is up; uploads rank 0's local logs when the run lives on remote storage."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    cfg = with_absolute_paths(cfg)
-    save_config(cfg, cfg.run_url, name="config.resume.yaml" if resume else "config.yaml")
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
-
-    s, f = cfg.scaling, cfg.failure
-    scaling = ray.train.ScalingConfig(
-        num_workers=(s.min_workers, s.num_workers) if s.min_workers is not None else s.num_workers,
-        use_gpu=s.use_gpu,
-        resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
-        placement_strategy=s.placement_strategy,
-        elastic_resize_monitor_interval_s=s.elastic_resize_monitor_interval_s,
-    )
-    failure = ray.train.FailureConfig(
-        max_failures=f.max_failures,
-        max_preemption_failures=f.max_preemption_failures,
-        preemption_grace_s=f.preemption_grace_s,
-        relax_collectives_on_preemption=f.relax_collectives_on_preemption,
-    )
-    path, fs = storage_filesystem(cfg.storage_path)
-    env = {k: os.environ[k] for k in AWS_ENV if k in os.environ}
-    run_config = ray.train.RunConfig(
-        name=cfg.name,
-        storage_path=path,
-        storage_filesystem=fs,
-        failure_config=failure,
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-        worker_runtime_env={"env_vars": env} if env else None,
-    )
-    log_dir = local_log_dir(cfg)
-    trainer = TorchTrainer(
-        loop_fn,
-        train_loop_config={"cfg": to_dict(cfg), "log_dir": log_dir, **loop_config},
-        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=scaling,
-        run_config=run_config,
-    )
-    result = trainer.fit()
-    if storage.protocol(cfg.storage_path) != "file" and os.path.isdir(log_dir):
-        fs_remote, remote = storage.get_fs(storage.join(cfg.run_url, "logs"))
-        fs_remote.put(log_dir + "/", remote, recursive=True)
-    return result
-
-
-def fit(cfg: PretrainConfig, *, resume: bool = False) -> Any:
-    """Run (or continue) pretraining; returns the ``ray.train.Result``. Starts a local Ray if none is up."""
-    from jobs.train_loop import train_loop_per_worker
-
-    check_run_dir(cfg, resume=resume)
-    return run_trainer(cfg, train_loop_per_worker, {}, resume=resume)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,8 +114,13 @@ def run(args: argparse.Namespace) -> int:
         ray.init(address=args.address)
     result = fit(cfg, resume=args.resume)
     metrics = result.metrics or {}
+    from jobs.launch import export_url
+
+    final = (
+        export_url(cfg) if storage.exists(storage.join(export_url(cfg), "vmae.json")) else "(not finished)"
+    )
     print(
         f"pretrain {cfg.name}: step {metrics.get('step')} loss {metrics.get('loss')} "
-        f"checkpoint {result.checkpoint.path if result.checkpoint else None}"
+        f"checkpoint {result.checkpoint.path if result.checkpoint else None} model {final}"
     )
     return 0

@@ -42,13 +42,6 @@ _AWS_ENV = (
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
 )
-INDEX_SCHEMA = pa.schema([
-    ("key", pa.string()), ("shard", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
-    ("duration", pa.float64()), ("frames", pa.int32()), ("fps", pa.float64()), ("width", pa.int32()),
-    ("height", pa.int32()), ("label", pa.int32()), ("domain", pa.string()), ("source", pa.string()),
-    ("source_sha256", pa.string()), ("label_name", pa.string()), ("clip_index", pa.int32()),
-    ("clip_start", pa.float64()),
-])  # fmt: skip
 _NUMBER = re.compile(r"(?<![=\w.])[0-9]+(?:[.][0-9]+)?")  # counts in reject reasons; not config values
 REJECTS_SCHEMA = pa.schema([("source", pa.string()), ("stage", pa.string()), ("error", pa.string())])
 
@@ -74,6 +67,10 @@ class ShardJobConfig:
     storage: storage.StorageConfig = dataclasses.field(default_factory=storage.StorageConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     keep_work: bool = False  # keep _work/ (transcoded clips) after the commit
+
+
+CONFIG_DIR = "configs/shard"  # where this command's --config YAMLs live (jobs.cli.config_registry)
+CONFIG_CLASS = ShardJobConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -199,7 +196,7 @@ def shard(
             raise ValueError(f"--output {output_url!r} holds a shard set built from other inputs or config; "
                              "pass --overwrite to replace it, or choose another --output")  # fmt: skip
         fs, path = storage.get_fs(manifest_url, st)
-        storage.retry(lambda: fs.rm(path), what=f"uncommit {manifest_url}", cfg=st)
+        storage.retry(lambda: fs.rm(path), cfg=st)
     save_config(redacted(cfg), output_url, storage_options=storage.storage_options(output_url, st))
     work_url = storage.join(output_url, sh.WORK_DIR)
     started = _init_ray(cfg.ray, address)
@@ -217,7 +214,7 @@ def shard(
     )
     index = _index_rows(written, samples)
     mf.write_table_atomic(
-        storage.join(output_url, mf.INDEX_NAME), pa.Table.from_pylist(index, INDEX_SCHEMA), st
+        storage.join(output_url, mf.INDEX_NAME), pa.Table.from_pylist(index, mf.INDEX_SCHEMA), st
     )
     rej = pa.Table.from_pylist(
         [dict(zip(REJECTS_SCHEMA.names, r, strict=True)) for r in rejects], REJECTS_SCHEMA
@@ -374,7 +371,7 @@ def _cleanup(
     shards of the replaced set that the new manifest does not name."""
     fs, out_path = storage.get_fs(output_url, st)
     if not keep_work and storage.exists(work_url, st):
-        storage.retry(lambda: fs.rm(storage.get_fs(work_url, st)[1], recursive=True), what="rm _work", cfg=st)
+        storage.retry(lambda: fs.rm(storage.get_fs(work_url, st)[1], recursive=True), cfg=st)
     if storage.protocol(output_url) == "file" and os.path.isdir(os.path.join(out_path, ".tmp")):
         fs.rm(os.path.join(out_path, ".tmp"), recursive=True)
     if keep is not None:

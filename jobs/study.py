@@ -8,8 +8,8 @@ overrides (``mask_ratio``, ``pretrain.<key>``, ``eval.<key>``); the study
 
 1. prepares its data when given a synth config (synth -> shard -> curate -> subsets -> target splits), every
    stage content-addressed by the hash of its inputs and config, so present stages are skipped;
-2. runs each cell: pretrain (shared by cells with the same pretrain config), export the encoder in ``vmae``
-   checkpoint format, evaluate (``jobs.evaluate.evaluate``: linear probe + kNN on frozen features), and writes
+2. runs each cell: pretrain (shared by cells with the same pretrain config; the run exports its model, a
+   scratch cell exports the untrained one), evaluate (``jobs.evaluate.evaluate``: linear probe + kNN on frozen features), and writes
    ``cells/<cell id>/result.json`` atomically, LAST: the commit of that cell. The cell id ends with the hash of
    everything the cell depends on, so a rerun skips finished cells and reruns changed ones;
 3. writes ``results.parquet`` (one row per cell), ``results.md`` and PNG plots (``jobs.study_report``).
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import itertools
 import json
 import os
@@ -32,8 +31,8 @@ from typing import Any
 from tqdm import tqdm
 
 from jobs.config import load_config, save_config, to_dict
-from jobs.pretrain_config import PretrainConfig
 from jobs.study_data import DataConfig, JobRef, PreparedData, digest, prepare_data, resolve_path
+from jobs.train_config import PretrainConfig
 from pipeline import storage
 
 INITS = ("pretrained", "scratch")
@@ -47,7 +46,7 @@ class GridConfig:
     """Cells = product of ``axes`` (in key order), then the explicit ``cells``; none given: one cell.
 
     Keys: ``subset``/``target`` (names from the data section), ``init`` (pretrained | scratch),
-    ``mask_ratio`` (model and loader together), ``pretrain.<key>`` / ``eval.<key>`` (overrides)."""
+    ``mask_ratio`` (the model's), ``pretrain.<key>`` / ``eval.<key>`` (overrides)."""
 
     axes: dict[str, list] = dataclasses.field(default_factory=dict)
     cells: tuple[dict, ...] = ()
@@ -149,16 +148,20 @@ class Cell:
 def resolve_cell(cfg: StudyConfig, params: dict[str, Any], data: PreparedData) -> Cell:
     """Pretrain config and eval overrides of a cell, and its id ``<readable params>-<hash of inputs>``."""
     subset = data.subsets[params["subset"]]
-    over = [*cfg.pretrain.overrides, f"loader.manifest={data.manifest_url}", f"loader.subset={subset.url}"]
-    if params["mask_ratio"] is not None:
-        m = float(params["mask_ratio"])
-        over += [f"model.overrides.mask_ratio={m}", f"loader.mask_ratio={m}"]
-    over += [
+    user = [*cfg.pretrain.overrides]  # the study YAML's own a.b=c strings, then the grid's pretrain.<key>
+    user += [
         f"{k[len('pretrain.') :]}={json.dumps(v)}" for k, v in params.items() if k.startswith("pretrain.")
     ]
     pcfg = load_config(
-        PretrainConfig, resolve_path(cfg.pretrain.config) if cfg.pretrain.config else None, over
+        PretrainConfig, resolve_path(cfg.pretrain.config) if cfg.pretrain.config else None, user
     )
+    model = pcfg.model
+    if params["mask_ratio"] is not None:
+        model = dataclasses.replace(
+            model, overrides={**model.overrides, "mask_ratio": float(params["mask_ratio"])}
+        )
+    loader = dataclasses.replace(pcfg.loader, manifest=data.manifest_url, subset=subset.url)
+    pcfg = dataclasses.replace(pcfg, model=model, loader=loader)
     if params["init"] == "scratch":  # step-0 weights depend on the model and the seed only
         ident = {"init": "scratch", "model": to_dict(pcfg.model), "seed": pcfg.seed}
     else:
@@ -182,37 +185,36 @@ def resolve_cell(cfg: StudyConfig, params: dict[str, Any], data: PreparedData) -
 
 
 def pretrain_stage(cell: Cell) -> dict[str, Any]:
-    """Pretrain (or initialise) the cell's model once per ``pretrain_id``; export the weights as a ``vmae``
-    checkpoint. A crashed run resumes from its latest Ray Train checkpoint. ``pretrain.json`` is the commit."""
-    import torch
-
-    from jobs import checkpointing as ckpt
-    from jobs.pretrain import fit, local_log_dir, run_exists
-    from model import VideoMAE
-    from model.checkpoint import save_checkpoint
+    """Pretrain (or initialise) the cell's model once per ``pretrain_id``; the run exports its model to
+    ``<run>/final`` (a scratch cell exports the untrained one there). A crashed run resumes from its latest
+    Ray Train checkpoint. ``pretrain.json`` is the commit."""
+    from jobs.launch import export_url, local_log_dir, run_exists
+    from jobs.pretrain import fit
 
     pcfg = cell.pretrain
     done_url = storage.join(pcfg.run_url, PRETRAIN_DONE)
     if storage.exists(done_url):
         return {**json.loads(storage.read_bytes(done_url)), "ran": False}
     t0 = time.time()
-    info: dict[str, Any] = {"run_url": pcfg.run_url, "steps": 0, "final_loss": None, "recon_png": None}
-    torch.manual_seed(pcfg.seed)  # the pretraining loop's initialisation, so scratch = its step 0
-    model = VideoMAE(pcfg.model.build())
+    info: dict[str, Any] = {"run_url": pcfg.run_url, "steps": 0, "final_loss": None, "recon_png": None,
+                            "checkpoint": export_url(pcfg)}  # fmt: skip
     if cell.params["init"] == "pretrained":
         result = fit(pcfg, resume=run_exists(pcfg))
-        last = ckpt.latest_checkpoint_dir(pcfg.run_url)
-        if last is None:
-            raise RuntimeError(f"pretraining {pcfg.run_url} ended without a checkpoint")
-        state = torch.load(io.BytesIO(storage.read_bytes(storage.join(last, ckpt.MODEL_FILE))),
-                           weights_only=True, map_location="cpu")  # fmt: skip
-        model.load_state_dict(state)
+        if not storage.exists(storage.join(info["checkpoint"], "vmae.json")):
+            raise RuntimeError(f"pretraining {pcfg.run_url} ended without its exported model")
         metrics = result.metrics or {}
         images = os.path.join(local_log_dir(pcfg), "images")
         pngs = sorted(os.listdir(images)) if os.path.isdir(images) else []
         info.update(steps=int(metrics.get("step", 0) or 0), final_loss=metrics.get("loss"),
-                    train_checkpoint=last, recon_png=os.path.join(images, pngs[-1]) if pngs else None)  # fmt: skip
-    info["checkpoint"] = save_checkpoint(model, storage.join(pcfg.run_url, "encoder"))
+                    train_checkpoint=result.checkpoint.path if result.checkpoint else None,
+                    recon_png=os.path.join(images, pngs[-1]) if pngs else None)  # fmt: skip
+    else:
+        import torch
+
+        from model import VideoMAE, save_checkpoint
+
+        torch.manual_seed(pcfg.seed)  # the trainer's initialisation, so scratch = a run's step 0
+        save_checkpoint(VideoMAE(pcfg.model.build()), info["checkpoint"])
     info["wall_s"] = round(time.time() - t0, 3)
     storage.write_bytes_atomic(done_url, json.dumps(info, indent=1).encode())
     return {**info, "ran": True}
@@ -226,11 +228,13 @@ def default_evaluate(
     test: tuple[str, str], output: str,
 ) -> dict:  # fmt: skip
     """Linear probe + kNN of ``checkpoint``'s frozen features: ``train``/``test`` are (manifest, subset)."""
-    from jobs.evaluate import EvalConfig, evaluate
+    from jobs.evaluate import EvalConfig, SplitSection, evaluate
 
-    over = [*overrides, f"checkpoint={checkpoint}", f"train.manifest={train[0]}", f"train.subset={train[1]}",
-            f"test.manifest={test[0]}", f"test.subset={test[1]}", f"output={output}"]  # fmt: skip
-    cfg = load_config(EvalConfig, resolve_path(ref.config) if ref.config else None, over)
+    cfg = load_config(
+        EvalConfig, resolve_path(ref.config) if ref.config else None, overrides, checkpoint=checkpoint,
+        output=output, train=SplitSection(manifest=train[0], subset=train[1]),
+        test=SplitSection(manifest=test[0], subset=test[1]),
+    )  # fmt: skip
     return evaluate(cfg)
 
 
@@ -308,6 +312,10 @@ def run_study(
     files = write_report(results, cfg.output, metrics=cfg.report.metrics, title=cfg.name)
     return {"cells": len(cells), "ran": ran, "skipped": len(cells) - ran, "pretrain_runs": pretrain_runs,
             "results": results, "files": files}  # fmt: skip
+
+
+CONFIG_DIR = "configs/study"  # where this command's --config YAMLs live (jobs.cli.config_registry)
+CONFIG_CLASS = StudyConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

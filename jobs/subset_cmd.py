@@ -15,6 +15,9 @@ import argparse
 from jobs.config import load_config
 from pipeline.subset import SubsetRule, make_subset
 
+CONFIG_DIR = "configs/curate/subsets"  # where this command's --config YAMLs live (jobs.cli.config_registry)
+CONFIG_CLASS = SubsetRule
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curation", required=True, help="curation.parquet URL written by `vmae curate`")

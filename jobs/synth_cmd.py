@@ -13,6 +13,9 @@ import json
 from jobs.config import load_config, save_config
 from pipeline.synth import SUMMARY_NAME, SynthConfig, synthesize
 
+CONFIG_DIR = "configs/synth"  # where this command's --config YAMLs live (jobs.cli.config_registry)
+CONFIG_CLASS = SynthConfig
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="folder or bucket prefix to write the videos into")

@@ -1,9 +1,10 @@
-"""VideoMAE model package: config, masking, model, FLOPs, checkpoint interop (no ray / torch.distributed here;
-``model.parallelize`` is the one exception and is not imported by default)."""
+"""VideoMAE model package: config, model, FLOPs, checkpoint interop (no ray / torch.distributed here;
+``model.parallelize`` is the one exception and is not imported by default). Masks are drawn on the data side
+(``pipeline.masking``); the model consumes them. Imports run one way: ``model`` may use ``pipeline``, never the
+reverse."""
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import CONFIGS, VideoMAEConfig, get_config
-from model.masking import random_mask, tube_mask
 from model.videomae import VideoMAE, VideoMAEClassifier, patchify, unpatchify
 
 __all__ = [
@@ -14,8 +15,6 @@ __all__ = [
     "get_config",
     "load_checkpoint",
     "patchify",
-    "random_mask",
     "save_checkpoint",
-    "tube_mask",
     "unpatchify",
 ]

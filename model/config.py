@@ -1,7 +1,8 @@
 """VideoMAE model config: one frozen dataclass, the paper's sizes as named factories, a ``tiny`` debug size.
 
 Why here: the model, FLOP counter, checkpoint loader and every job build from the same validated config, and
-jobs make one by name (``get_config("vit_b", drop_path_rate=0.1)``) or from YAML through ``jobs.config``.
+jobs make one by name (``get_config("vit_b", drop_path_rate=0.1)``) or from YAML through ``jobs.config``. It is
+the one home of the clip geometry and the mask settings: the loader gets them as :meth:`VideoMAEConfig.clip_spec`.
 
 Token grid: a clip ``[C, T, H, W]`` becomes ``T' x H' x W'`` tubelets with ``T' = T / tubelet_size`` and
 ``H' = H / patch_size`` (same for W); tokens are ordered ``(t, h, w)`` as in the official implementation.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-MASK_TYPES = ("tube", "random")
+from pipeline.masking import MASK_TYPES, ClipSpec, num_masked
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,7 +67,7 @@ class VideoMAEConfig:
             raise ValueError(f"model.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.mask_type not in MASK_TYPES:
             raise ValueError(f"model.mask_type must be one of {MASK_TYPES}, got {self.mask_type!r}")
-        if self.mask_type == "tube" and round(self.mask_ratio * self.grid[1] * self.grid[2]) == 0:
+        if num_masked(*self.grid, self.mask_ratio, self.mask_type) == 0:
             raise ValueError(
                 f"model.mask_ratio {self.mask_ratio} masks no token of a {self.grid[1]}x{self.grid[2]} grid"
             )
@@ -91,10 +92,19 @@ class VideoMAEConfig:
     @property
     def num_masked(self) -> int:
         """Masked tokens per clip for ``mask_type``/``mask_ratio`` (exact; both mask types keep it fixed)."""
-        t, h, w = self.grid
-        if self.mask_type == "tube":
-            return t * round(self.mask_ratio * h * w)
-        return round(self.mask_ratio * t * h * w)
+        return num_masked(*self.grid, self.mask_ratio, self.mask_type)
+
+    def clip_spec(self, *, masking: bool = True) -> ClipSpec:
+        """The clip this model consumes, for the loader: its size and, for pretraining (``masking``), its mask;
+        finetuning and evaluation see whole clips (``mask_type="none"``)."""
+        return ClipSpec(
+            num_frames=self.num_frames,
+            input_size=self.img_size,
+            patch_size=self.patch_size,
+            tubelet_size=self.tubelet_size,
+            mask_ratio=self.mask_ratio if masking else 0.0,
+            mask_type=self.mask_type if masking else "none",
+        )
 
     @property
     def encoder_mlp_hidden(self) -> int:

@@ -17,6 +17,7 @@ import torch
 
 from model.config import VideoMAEConfig
 from model.videomae import VideoMAE, VideoMAEClassifier
+from pipeline.masking import num_masked
 
 
 def block_flops(num_tokens: int, width: int, mlp_hidden: int) -> int:
@@ -43,10 +44,7 @@ def _num_masked(cfg: VideoMAEConfig, mask_ratio: float | None) -> int:
         return cfg.num_masked
     if not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-    t, h, w = cfg.grid
-    if cfg.mask_type == "tube":
-        return t * round(mask_ratio * h * w)
-    return round(mask_ratio * t * h * w)
+    return num_masked(*cfg.grid, mask_ratio, cfg.mask_type)
 
 
 def pretrain_forward_flops(cfg: VideoMAEConfig, mask_ratio: float | None = None) -> int:

@@ -19,9 +19,8 @@ from torch import nn
 
 from model.config import VideoMAEConfig
 from model.layers import LN_EPS, PatchEmbed, make_blocks, sinusoid_table
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 NORM_EPS = 1e-6  # per-tubelet target normalisation: (x - mean) / (std_unbiased + 1e-6), as the official code
 
 
@@ -336,6 +335,12 @@ class VideoMAEClassifier(nn.Module):
 
     def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_drop(self.forward_features(video_BCTHW)))
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """timm's parameter-grouping hook, which ``timm.optim.param_groups_layer_decay`` reads: the tubelet
+        embedding is layer 0, encoder block ``i`` layer ``i + 1``; what matches neither (``fc_norm``, ``head``)
+        is the last layer, as in BEiT/VideoMAE's layer-wise lr decay."""
+        return {"stem": r"^encoder\.patch_embed", "blocks": r"^encoder\.blocks\.(\d+)"}
 
     def from_pretrained_encoder(self, state: dict[str, torch.Tensor]) -> list[str]:
         """Copy encoder weights from a ``VideoMAE.state_dict()`` (keys ``encoder.*``); returns the keys it

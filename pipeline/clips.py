@@ -8,81 +8,28 @@ run produce bit-identical clips.
 Repeated sampling (VideoMAE V2): the frames are decoded once; each of the ``num_sample`` clips gets its own
 crop, flip and mask.
 
+What a clip is (frames, size, tubelets, mask) comes from the model config as a
+:class:`pipeline.masking.ClipSpec`; how it is sampled and augmented (stride, repeats, flip, crop scales) from the
+:class:`pipeline.loader.LoaderConfig`.
+
 Legend: ``R`` = num_sample, ``C`` = 3, ``T`` = num_frames, ``S`` = input_size,
 ``L`` = (T / tubelet_size) * (S / patch_size)**2 tokens.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from model import random_mask, tube_mask
 from pipeline.decode import BadSample, parse_label, read_clip_frames
-from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, VIDEOMAE_SCALES, apply_crop, sample_crop
+from pipeline.masking import ClipSpec, clip_masks
+from pipeline.transforms import apply_crop, sample_crop
 
-MASK_TYPES = ("tube", "random", "none")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ClipSpec:
-    """What a clip is: the part of :class:`pipeline.loader.LoaderConfig` the per-sample code needs."""
-
-    num_frames: int = 16
-    sampling_rate: int = 4
-    input_size: int = 224
-    patch_size: int = 16
-    tubelet_size: int = 2
-    mask_ratio: float = 0.9
-    mask_type: str = "tube"
-    num_sample: int = 1
-    flip: bool = True
-    scales: tuple[float, ...] = VIDEOMAE_SCALES
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    min_frames: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("num_frames", "sampling_rate", "input_size", "patch_size", "tubelet_size", "num_sample"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not isinstance(self.min_frames, int) or self.min_frames < 1:
-            raise ValueError(f"min_frames must be an int >= 1, got {self.min_frames!r}")
-        if self.num_frames % self.tubelet_size:
-            raise ValueError(
-                f"num_frames={self.num_frames} is not a multiple of tubelet_size={self.tubelet_size}"
-            )
-        if self.input_size % self.patch_size:
-            raise ValueError(
-                f"input_size={self.input_size} is not a multiple of patch_size={self.patch_size}"
-            )
-        if self.mask_type not in MASK_TYPES:
-            raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {self.mask_type!r}")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        if not self.scales or any(not 0 < s <= 1 for s in self.scales):
-            raise ValueError(f"scales must be a non-empty list of values in (0, 1], got {self.scales!r}")
-        for name in ("mean", "std"):
-            if len(getattr(self, name)) != 3:
-                raise ValueError(f"{name} must have 3 values (RGB), got {getattr(self, name)!r}")
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"std values must be > 0, got {self.std!r}")
-
-    @property
-    def token_grid(self) -> tuple[int, int, int]:
-        """(t, h, w) tokens of one clip."""
-        side = self.input_size // self.patch_size
-        return self.num_frames // self.tubelet_size, side, side
-
-    @property
-    def num_tokens(self) -> int:
-        t, h, w = self.token_grid
-        return t * h * w
+if TYPE_CHECKING:
+    from pipeline.loader import LoaderConfig
 
 
 def sample_generator(seed: int, epoch: int, key: str, stream: str) -> torch.Generator:
@@ -117,19 +64,10 @@ def sample_frame_indices(
     return out
 
 
-def clip_masks(spec: ClipSpec, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """One mask per generator: bool ``[len(generators), L]``, True = masked (``model.masking`` contract)."""
-    t, h, w = spec.token_grid
-    if spec.mask_type == "none":
-        return torch.zeros(len(generators), t * h * w, dtype=torch.bool)
-    fn = tube_mask if spec.mask_type == "tube" else random_mask
-    return torch.cat([fn(1, t, h, w, spec.mask_ratio, g) for g in generators])
-
-
 def make_clips(
-    data: bytes, key: str, spec: ClipSpec, *, seed: int, epoch: int
+    data: bytes, key: str, spec: ClipSpec, cfg: LoaderConfig, *, seed: int, epoch: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode ``data`` (an MP4) once and cut ``num_sample`` clips from it.
+    """Decode ``data`` (an MP4) once and cut ``cfg.num_sample`` clips of ``spec`` from it.
 
     Returns ``(video_RCTSS float32, mask_RL bool)``. Raises :class:`pipeline.decode.BadSample` for
     undecodable or too-short videos.
@@ -137,19 +75,19 @@ def make_clips(
     g_time = sample_generator(seed, epoch, key, "time")
     frames_THWC, _, _ = read_clip_frames(
         data,
-        lambda n: sample_frame_indices(n, spec.num_frames, spec.sampling_rate, g_time),
+        lambda n: sample_frame_indices(n, spec.num_frames, cfg.sampling_rate, g_time),
         key=key,
-        min_frames=spec.min_frames,
+        min_frames=cfg.min_frames,
     )
     frames_TCHW = torch.from_numpy(frames_THWC).permute(0, 3, 1, 2)
     height, width = frames_TCHW.shape[-2:]
     clips, mask_gens = [], []
-    for r in range(spec.num_sample):
+    for r in range(cfg.num_sample):
         g = sample_generator(seed, epoch, key, f"aug{r}")
         crop = sample_crop(
-            width, height, input_size=spec.input_size, scales=spec.scales, flip=spec.flip, generator=g
+            width, height, input_size=spec.input_size, scales=cfg.scales, flip=cfg.flip, generator=g
         )
-        clips.append(apply_crop(frames_TCHW, crop, input_size=spec.input_size, mean=spec.mean, std=spec.std))
+        clips.append(apply_crop(frames_TCHW, crop, input_size=spec.input_size))
         mask_gens.append(sample_generator(seed, epoch, key, f"mask{r}"))
     return torch.stack(clips), clip_masks(spec, mask_gens)
 
@@ -157,6 +95,7 @@ def make_clips(
 def collate_clips(
     group: Sequence[tuple[str, dict[str, Any] | BadSample]],
     spec: ClipSpec,
+    cfg: LoaderConfig,
     *,
     seed: int,
     epoch: int,
@@ -169,7 +108,7 @@ def collate_clips(
     if none, zeros with a fresh mask drawn from ``pad_id``) marked ``valid`` False, so every batch has the
     same shape on every rank; ``skipped`` lists ``(key, reason)`` for the caller to count.
     """
-    r = spec.num_sample
+    r = cfg.num_sample
     videos, masks, labels, keys, valid, skipped = [], [], [], [], [], []
     for key, sample in group:
         try:
@@ -178,7 +117,7 @@ def collate_clips(
             if "mp4" not in sample:
                 raise BadSample(key, "no .mp4 member")
             label = parse_label(sample)
-            v, m = make_clips(sample["mp4"], key, spec, seed=seed, epoch=epoch)
+            v, m = make_clips(sample["mp4"], key, spec, cfg, seed=seed, epoch=epoch)
         except Exception as e:  # noqa: BLE001 - a bad sample is counted, never fatal
             skipped.append((key, e.reason if isinstance(e, BadSample) else f"{type(e).__name__}: {e}"))
             v, m, label = None, None, -1

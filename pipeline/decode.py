@@ -139,9 +139,7 @@ def iter_shard(
     try:
         fs, path = storage.get_fs(url, cfg)
         # 8 MiB read-ahead: a remote shard arrives in a few range requests, never whole in memory
-        stream = storage.retry(
-            lambda: fs.open(path, "rb", block_size=READ_BLOCK), what=f"open {url}", cfg=cfg
-        )
+        stream = storage.retry(lambda: fs.open(path, "rb", block_size=READ_BLOCK), cfg=cfg)
     except Exception as e:  # noqa: BLE001 - reported, the shard's samples count as missing
         if on_error:
             on_error(f"cannot open shard {url}: {_short(e)}")

@@ -45,10 +45,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import manifest as mf
 from pipeline import storage
-from pipeline.clips import ClipSpec, collate_clips
+from pipeline.clips import collate_clips
 from pipeline.decode import stream_in_order
+from pipeline.masking import ClipSpec
 from pipeline.storage import StorageConfig
-from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, VIDEOMAE_SCALES
+from pipeline.transforms import VIDEOMAE_SCALES
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -57,19 +58,15 @@ REMAINDER = ("drop", "pad")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoaderConfig:
-    """Loader settings. ``batch_size`` counts clips per rank per step (the model's ``B``); each batch holds
-    ``batch_size // num_sample`` videos. ``shuffle_buffer`` counts videos (0 or 1: no shuffling)."""
+    """Data and augmentation settings (what a clip *is* — frames, size, tubelets, mask — is the model's, passed
+    to :func:`make_loader` as a :class:`pipeline.masking.ClipSpec`). ``batch_size`` counts clips per rank per
+    step (the model's ``B``); each batch holds ``batch_size // num_sample`` videos. ``shuffle_buffer`` counts
+    videos (0 or 1: no shuffling)."""
 
     manifest: str = ""
     subset: str | None = None
-    num_frames: int = 16
     sampling_rate: int = 4  # 4 for Kinetics-like data, 2 for SSv2-like
-    input_size: int = 224
-    patch_size: int = 16
-    tubelet_size: int = 2
-    mask_ratio: float = 0.9
-    mask_type: str = "tube"  # one of MASK_TYPES
-    num_sample: int = 1
+    num_sample: int = 1  # clips cut from one decode (repeated augmentation)
     batch_size: int = 8
     num_workers: int = 2
     prefetch_factor: int = 2
@@ -79,8 +76,6 @@ class LoaderConfig:
     seed: int = 0
     flip: bool = True  # False for direction-sensitive data (SSv2)
     scales: tuple[float, ...] = VIDEOMAE_SCALES
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
     min_frames: int = 1
     remainder: str = "drop"  # one of REMAINDER
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
@@ -88,8 +83,10 @@ class LoaderConfig:
     def __post_init__(self) -> None:
         if not self.manifest:
             raise ValueError("manifest must name a shard set's manifest.json (or its folder)")
-        self.clip_spec()  # validates the clip fields, naming the bad one
         for name, low in (
+            ("sampling_rate", 1),
+            ("num_sample", 1),
+            ("min_frames", 1),
             ("batch_size", 1),
             ("num_workers", 0),
             ("prefetch_factor", 1),
@@ -97,19 +94,21 @@ class LoaderConfig:
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+                raise ValueError(f"loader.{name} must be an int >= {low}, got {v!r}")
+        if not self.scales or any(not 0 < s <= 1 for s in self.scales):
+            raise ValueError(
+                f"loader.scales must be a non-empty list of values in (0, 1], got {self.scales!r}"
+            )
         if self.batch_size % self.num_sample:
             raise ValueError(
-                f"batch_size={self.batch_size} must be a multiple of num_sample={self.num_sample}"
+                f"loader.batch_size={self.batch_size} must be a multiple of num_sample={self.num_sample}"
             )
         if self.remainder not in REMAINDER:
-            raise ValueError(f"remainder must be one of {REMAINDER}, got {self.remainder!r}")
+            raise ValueError(f"loader.remainder must be one of {REMAINDER}, got {self.remainder!r}")
         if self.mp_context not in (None, "fork", "spawn", "forkserver"):
-            raise ValueError(f"mp_context must be fork, spawn, forkserver or null, got {self.mp_context!r}")
-
-    def clip_spec(self) -> ClipSpec:
-        names = [f.name for f in dataclasses.fields(ClipSpec)]
-        return ClipSpec(**{n: getattr(self, n) for n in names})
+            raise ValueError(
+                f"loader.mp_context must be fork, spawn, forkserver or null, got {self.mp_context!r}"
+            )
 
     @property
     def videos_per_batch(self) -> int:
@@ -262,9 +261,23 @@ class _ClipStream(IterableDataset):
     """One rank's remaining batches of one segment; each DataLoader worker streams its own block."""
 
     def __init__(
-        self, *, urls: list[str], plans: list[WorkerPlan], cursor: int, cfg: LoaderConfig, epoch: int
+        self,
+        *,
+        urls: list[str],
+        plans: list[WorkerPlan],
+        cursor: int,
+        cfg: LoaderConfig,
+        spec: ClipSpec,
+        epoch: int,
     ):
-        self.urls, self.plans, self.cursor, self.cfg, self.epoch = urls, plans, cursor, cfg, epoch
+        self.urls, self.plans, self.cursor, self.cfg, self.spec, self.epoch = (
+            urls,
+            plans,
+            cursor,
+            cfg,
+            spec,
+            epoch,
+        )
 
     def __iter__(self):
         info = get_worker_info()
@@ -276,14 +289,14 @@ class _ClipStream(IterableDataset):
         yield from self._batches(self.plans[own], own, skip, k)
 
     def _batches(self, plan: WorkerPlan, own: int, skip: int, k: int):
-        cfg, spec = self.cfg, self.cfg.clip_spec()
+        cfg, spec = self.cfg, self.spec
         order = plan.order[skip * cfg.videos_per_batch :]
         group, batch_no = [], skip
         for item in stream_in_order(self.urls, plan.inputs, order, cfg=cfg.storage):
             group.append(item)
             if len(group) == cfg.videos_per_batch:
                 index = own + batch_no * k
-                batch = collate_clips(group, spec, seed=cfg.seed, epoch=self.epoch, pad_id=str(index))
+                batch = collate_clips(group, spec, cfg, seed=cfg.seed, epoch=self.epoch, pad_id=str(index))
                 yield {**batch, "index": index}
                 group, batch_no = [], batch_no + 1
         assert not group, "worker blocks hold whole batches"
@@ -296,7 +309,7 @@ def _worker_init(_: int) -> None:
 class ClipLoader:
     """Iterable over one rank's batches of the current epoch (dicts, ``B = batch_size`` clips):
 
-    ``video`` float32 [B, 3, T, S, S], ``mask`` bool [B, L] (True = masked), ``label`` int64 [B] (-1: none),
+    ``video`` float32 [B, 3, T, S, S] (ImageNet-normalised), ``mask`` bool [B, L] (True = masked), ``label`` int64 [B] (-1: none),
     ``valid`` bool [B] (False: a copy standing in for a skipped sample), ``key`` list[str] of length B.
 
     Iterating yields the rest of the epoch from the cursor; finishing it moves to the next epoch (cursor 0).
@@ -304,13 +317,21 @@ class ClipLoader:
     """
 
     def __init__(
-        self, cfg: LoaderConfig, *, rank: int, world_size: int, shards: list[ShardKeys] | None = None
+        self,
+        cfg: LoaderConfig,
+        spec: ClipSpec,
+        *,
+        rank: int,
+        world_size: int,
+        shards: list[ShardKeys] | None = None,
     ):
+        if not isinstance(spec, ClipSpec):
+            raise ValueError(f"spec must be a ClipSpec (model.config.VideoMAEConfig.clip_spec), got {spec!r}")
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.cfg, self.spec, self.rank, self.world_size = cfg, spec, rank, world_size
         self.shards = load_shards(cfg) if shards is None else shards
         self.num_samples = sum(len(s.keys) for s in self.shards)
         self.epoch, self.cursor = 0, 0
@@ -374,6 +395,7 @@ class ClipLoader:
                 plans=plans[self.rank],
                 cursor=self.cursor,
                 cfg=cfg,
+                spec=self.spec,
                 epoch=self.epoch,
             )
             extra = (
@@ -386,7 +408,9 @@ class ClipLoader:
                 pin_memory=cfg.pin_memory, **extra,
             )  # fmt: skip
             for batch in dl:
-                assert batch.pop("index") == self.cursor, "batches arrive in planned order"
+                index = batch.pop("index")
+                if index != self.cursor:  # an invariant of the plan; a violation would corrupt resume
+                    raise RuntimeError(f"loader: batch {index} arrived where batch {self.cursor} was planned")
                 self._account(batch.pop("skipped"), batch)
                 self.cursor += 1
                 yield batch
@@ -441,6 +465,7 @@ class ClipLoader:
         self.stats = {**state["stats"], "skipped_by_reason": dict(state["stats"]["skipped_by_reason"])}
 
 
-def make_loader(cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1) -> ClipLoader:
-    """The loader for one rank of ``world_size`` (Ray Train passes its own rank and world size)."""
-    return ClipLoader(cfg, rank=rank, world_size=world_size)
+def make_loader(cfg: LoaderConfig, spec: ClipSpec, *, rank: int = 0, world_size: int = 1) -> ClipLoader:
+    """The loader of ``spec`` clips for one rank of ``world_size`` (Ray Train passes its own rank and world
+    size; jobs take ``spec`` from the model config, ``VideoMAEConfig.clip_spec``)."""
+    return ClipLoader(cfg, spec, rank=rank, world_size=world_size)

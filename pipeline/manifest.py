@@ -3,7 +3,7 @@
 A shard set is a folder/prefix holding::
 
     {prefix}-{index:06d}.tar   WebDataset shards; each sample: {key}.mp4, {key}.json, {key}.cls (if labelled)
-    index.parquet              one row per sample (see INDEX_COLUMNS)
+    index.parquet              one row per sample (schema: INDEX_SCHEMA)
     rejects.parquet            source, stage, error
     manifest.json              written LAST: the commit. A shard set without it is incomplete.
 
@@ -31,10 +31,17 @@ MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.parquet"
 REJECTS_NAME = "rejects.parquet"
 
-INDEX_COLUMNS = (
-    "key", "shard", "offset", "size", "duration", "frames", "fps", "width", "height",
-    "label", "domain", "source", "source_sha256",
-)  # fmt: skip
+INDEX_SCHEMA = pa.schema([
+    ("key", pa.string()), ("shard", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
+    ("duration", pa.float64()), ("frames", pa.int32()), ("fps", pa.float64()), ("width", pa.int32()),
+    ("height", pa.int32()), ("label", pa.int32()), ("domain", pa.string()), ("source", pa.string()),
+    ("source_sha256", pa.string()), ("label_name", pa.string()), ("clip_index", pa.int32()),
+    ("clip_start", pa.float64()),
+])  # fmt: skip
+"""``index.parquet``: the mp4 of sample ``key`` is bytes ``[offset, offset + size)`` of tar ``shard``; probe facts
+of the clip (seconds, frames, fps, pixels), its label (-1: none) and class name, domain, source URL and hash,
+and which clip of its source it is (``clip_index``, starting at ``clip_start`` seconds)."""
+INDEX_COLUMNS = tuple(INDEX_SCHEMA.names)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

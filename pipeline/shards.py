@@ -99,7 +99,7 @@ def _fetch(item: SourceItem, tmp: str, cfg: storage.StorageConfig | None) -> tup
                 dst.write(block)
         return h.hexdigest()
 
-    return local, storage.retry(download, what=f"download {item.url}", cfg=cfg)
+    return local, storage.retry(download, cfg=cfg)
 
 
 def prepare_sample(

@@ -104,9 +104,9 @@ def list_sources(
     output, when it lies inside the input)."""
     fs, root = storage.get_fs(input_url, storage_cfg)
     root = root.rstrip("/")
-    if not storage.retry(lambda: fs.exists(root), what=f"list {input_url}", cfg=storage_cfg):
+    if not storage.retry(lambda: fs.exists(root), cfg=storage_cfg):
         raise ValueError(f"--input {input_url!r} does not exist")
-    found = storage.retry(lambda: fs.find(root, detail=True), what=f"list {input_url}", cfg=storage_cfg)
+    found = storage.retry(lambda: fs.find(root, detail=True), cfg=storage_cfg)
     skip = storage.get_fs(exclude, storage_cfg)[1].rstrip("/") + "/" if exclude else None
     exts = tuple(e.lower() for e in cfg.extensions)
     entries = []

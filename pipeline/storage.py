@@ -8,6 +8,7 @@ and S3 endpoints/credentials come from config or the standard environment variab
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import random
 import time
@@ -82,22 +83,67 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+# errno values of failures that a later attempt may not see: busy/throttled (S3 SlowDown and 503 arrive as
+# EBUSY through s3fs), remote I/O (500), and the socket-level ones
+_TRANSIENT_ERRNO = frozenset(
+    getattr(errno, name)
+    for name in ("EBUSY", "EREMOTEIO", "EAGAIN", "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "ETIMEDOUT",
+                 "EPIPE", "ENETDOWN", "ENETUNREACH", "EHOSTUNREACH")
+    if hasattr(errno, name)
+)  # fmt: skip
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    """Exception types of the storage stack that mean "the connection failed", not "the request was wrong":
+    botocore's connection/timeout family and its response parser (throttled responses can be malformed),
+    aiohttp's client errors, fsspec's timeout — the ones s3fs itself retries."""
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+        from botocore.parsers import ResponseParserError
+
+        types += [BotoConnectionError, HTTPClientError, ResponseParserError]
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientConnectionError, ClientPayloadError
+
+        types += [ClientConnectionError, ClientPayloadError]
+    except ImportError:
+        pass
+    try:
+        from fsspec.exceptions import FSTimeoutError
+
+        types.append(FSTimeoutError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+_TRANSIENT_TYPES = _transient_types()
+_PERMANENT_TYPES = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: connection trouble, throttling, 5xx. Missing files / bad input are not."""
-    if isinstance(
-        exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError | ValueError
-    ):
-        return False
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    return any(
-        s in text for s in ("timeout", "throttl", "slowdown", "503", "500", "connection", "temporar", "reset")
-    )
+    """Whether a later attempt may succeed, decided from exception types and ``errno`` (never from message
+    text): connection trouble, timeouts, throttling and 5xx are; a missing object, a permission, bad input or
+    a full disk are not. The ``__cause__`` chain is followed (s3fs and fsspec wrap the original error)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, _PERMANENT_TYPES):
+            return False
+        if isinstance(exc, _TRANSIENT_TYPES):
+            return True
+        if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNO:
+            return True
+        exc, seen = exc.__cause__, seen + 1
+    return False
 
 
-def retry(fn: Callable[[], T], *, what: str, cfg: StorageConfig | None = None) -> T:
-    """Call ``fn`` with exponential backoff on transient storage errors."""
+def retry(fn: Callable[[], T], *, cfg: StorageConfig | None = None) -> T:
+    """Call ``fn`` with exponential backoff (``cfg.backoff_s`` x 2^attempt, jittered) on transient storage
+    errors (:func:`is_transient`), at most ``cfg.retries`` times; anything else is raised at once."""
     cfg = cfg or StorageConfig()
     for attempt in range(cfg.retries + 1):
         try:
@@ -111,12 +157,12 @@ def retry(fn: Callable[[], T], *, what: str, cfg: StorageConfig | None = None) -
 
 def read_bytes(url: str, cfg: StorageConfig | None = None) -> bytes:
     fs, path = get_fs(url, cfg)
-    return retry(lambda: fs.cat_file(path), what=f"read {url}", cfg=cfg)
+    return retry(lambda: fs.cat_file(path), cfg=cfg)
 
 
 def exists(url: str, cfg: StorageConfig | None = None) -> bool:
     fs, path = get_fs(url, cfg)
-    return retry(lambda: fs.exists(path), what=f"exists {url}", cfg=cfg)
+    return retry(lambda: fs.exists(path), cfg=cfg)
 
 
 def write_bytes_atomic(url: str, data: bytes, cfg: StorageConfig | None = None) -> None:
@@ -140,7 +186,7 @@ def write_bytes_atomic(url: str, data: bytes, cfg: StorageConfig | None = None) 
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return
-    retry(lambda: fs.pipe_file(path, data), what=f"write {url}", cfg=cfg)
+    retry(lambda: fs.pipe_file(path, data), cfg=cfg)
 
 
 def upload_file_atomic(local_path: str, url: str, cfg: StorageConfig | None = None) -> None:
@@ -150,7 +196,7 @@ def upload_file_atomic(local_path: str, url: str, cfg: StorageConfig | None = No
         os.makedirs(os.path.dirname(path), exist_ok=True)
         os.replace(local_path, path)
         return
-    retry(lambda: fs.put_file(local_path, path), what=f"upload {url}", cfg=cfg)
+    retry(lambda: fs.put_file(local_path, path), cfg=cfg)
 
 
 def makedirs(url: str, cfg: StorageConfig | None = None) -> None:

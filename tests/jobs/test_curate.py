@@ -58,7 +58,9 @@ def build_shard_set(synth_dir: str, clips: pd.DataFrame, out: str, *, per_shard:
                 key=s.key, shard=info.name, offset=offset, size=size, label=s.label, domain=s.meta["domain"]
             )
             index.append(row)
-    manifest.write_table_atomic(f"{out}/{manifest.INDEX_NAME}", pa.Table.from_pylist(index))
+    manifest.write_table_atomic(
+        f"{out}/{manifest.INDEX_NAME}", pa.Table.from_pylist(index, manifest.INDEX_SCHEMA)
+    )
     m = manifest.Manifest(
         shards=tuple(infos), num_samples=len(samples), config={}, code_version="test", created="now"
     )

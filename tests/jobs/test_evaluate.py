@@ -9,19 +9,12 @@ import os
 import pytest
 import torch
 
+from jobs.checkpointing import load_any_checkpoint
 from jobs.cli import main
 from jobs.config import load_config
 from jobs.eval_metrics import ProbeConfig, knn_predict, linear_probe, topk_accuracy
-from jobs.evaluate import (
-    EvalConfig,
-    FeaturesSection,
-    KnnSection,
-    SplitSection,
-    evaluate,
-    extract_features,
-    load_any_checkpoint,
-    pool_features,
-)
+from jobs.evaluate import EvalConfig, KnnSection, evaluate
+from jobs.features import FeaturesSection, SplitSection, extract_features, pool_features
 from model import VideoMAE, VideoMAEClassifier, get_config, save_checkpoint
 from model.videomae import time_pool
 from pipeline import storage

@@ -11,19 +11,18 @@ import pytest
 import torch
 from timm.data import Mixup
 
-from jobs.config import load_config, save_config
-from jobs.finetune_config import AugmentSection, FinetuneConfig
-from jobs.finetune_loop import (
+from jobs import checkpointing as ckpt
+from jobs.config import load_config
+from jobs.finetune import (
+    FinetuneTask,
     build_finetune_optimizer,
     init_classifier,
-    layer_decay_groups,
-    layer_id,
     make_criterion,
     mix_clips,
     valid_rows,
 )
 from jobs.optim import OptimConfig, SampleCosineSchedule
-from jobs.pretrain_config import PretrainConfig
+from jobs.train_config import AugmentSection, FinetuneConfig
 from model import VideoMAE, VideoMAEClassifier, get_config, save_checkpoint
 from model.checkpoint import official_state_dict
 from tests.pipeline import shardset_helpers
@@ -40,35 +39,48 @@ def _cfg(*overrides: str) -> FinetuneConfig:
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs", "finetune"))))
 def test_every_finetune_yaml_loads(name):
     cfg = load_config(FinetuneConfig, os.path.join(ROOT, "configs", "finetune", name))
-    assert cfg.loader.mask_type == "none" and cfg.num_classes >= 2
+    spec = FinetuneTask(cfg).clip_spec()  # whole clips of the model's geometry
+    model = cfg.model.build()
+    assert (spec.mask_type, spec.num_masked) == ("none", 0) and cfg.num_classes >= 2
+    assert (spec.num_frames, spec.input_size) == (model.num_frames, model.img_size)
 
 
 def test_config_rejects_bad_input():
-    with pytest.raises(ValueError, match="mask_type"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['mask_type'\]"):  # no masks when finetuning
         _cfg("loader.mask_type=tube")
     with pytest.raises(ValueError, match="batch_size must be even"):
         _cfg("loader.batch_size=3", "loader.num_sample=1")
-    with pytest.raises(ValueError, match="num_frames"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_frames'\]"):  # the model's, once
         _cfg("loader.num_frames=8")
     with pytest.raises(ValueError, match="layer_decay"):
         _cfg("layer_decay=0")
+    with pytest.raises(ValueError, match="'ddp' for finetuning"):
+        _cfg("parallel.strategy=fsdp")
 
 
-def test_layer_decay_groups_follow_the_official_numbering():
-    model = VideoMAEClassifier(get_config("tiny"), 4)  # depth 2 -> 4 layers: embed, block 0, block 1, head
-    groups = layer_decay_groups(model, weight_decay=0.05, layer_decay=0.5, no_weight_decay=("*q_bias",))
-    by_param = {id(p): g for g in groups for p in g["params"]}
-    want_scale = {0: 0.125, 1: 0.25, 2: 0.5, 3: 1.0}  # 0.5 ** (depth + 1 - layer)
+@pytest.mark.parametrize("depth", [2, 12])
+def test_layer_decay_groups_follow_the_official_numbering(depth):
+    """timm's groups over the classifier's group_matcher against BEiT/VideoMAE's numbering, written out:
+    embedding 0, block i -> i + 1, fc_norm/head -> depth + 1; lr_scale = decay ** (depth + 1 - layer)."""
+    cfg = get_config("tiny", encoder_depth=depth)
+    model = VideoMAEClassifier(cfg, 4)
+    decay = 0.5
+    opt = build_finetune_optimizer(
+        model, OptimConfig(no_weight_decay=("*q_bias",)), layer_decay=decay, lr=1.0
+    )
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         g = by_param[id(p)]
-        layer = 0 if "patch_embed" in name else (int(name.split(".")[2]) + 1 if ".blocks." in name else 3)
-        assert layer_id(name, 2) == layer
-        assert g["lr_scale"] == want_scale[layer], name
+        layer = (
+            0 if "patch_embed" in name else (int(name.split(".")[2]) + 1 if ".blocks." in name else depth + 1)
+        )
+        assert g["lr_scale"] == pytest.approx(decay ** (depth + 1 - layer)), name
         assert g["weight_decay"] == (0.0 if p.ndim == 1 or name.endswith("q_bias") else 0.05), name
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    opt = build_finetune_optimizer(model, OptimConfig(base_lr=1e-3), layer_decay=0.5, lr=1.0)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
     SampleCosineSchedule(opt, peak_lr=2.0, warmup_samples=0, total_samples=10).step(0)
-    assert sorted({g["lr"] for g in opt.param_groups}) == [0.25, 0.5, 1.0, 2.0]
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx(
+        sorted({2.0 * decay**k for k in range(depth + 2)})
+    )
 
 
 def test_cutmix_cuts_the_same_box_from_every_frame_and_channel():
@@ -126,16 +138,19 @@ def pretrained(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrained")
     save_checkpoint(model, str(root / "vmae"))
     torch.save({"model": official_state_dict(model)}, root / "official.pth")
-    # a pretrain run's Ray checkpoint: <run>/config.yaml + <run>/step_*/{model.pt, trainer.pt}
-    save_config(
-        load_config(PretrainConfig, os.path.join(ROOT, "configs", "pretrain", "debug.yaml")),
-        str(root / "run"),
-    )
+    # a pretraining run stopped at step 4: <run>/step_00000004 holds the train state, no final export yet
     step = root / "run" / "step_00000004"
-    step.mkdir()
-    torch.save(model.state_dict(), step / "model.pt")
-    torch.save({}, step / "trainer.pt")
+    opt = torch.optim.AdamW(model.parameters())
+    state = {"model": model, "optimizer": opt, "schedule": SampleCosineSchedule(opt, peak_lr=1.0,
+             warmup_samples=0, total_samples=8), "scaler": torch.amp.GradScaler("cpu", enabled=False),
+             "progress": ckpt.TrainProgress(step=4), "loader": _NoLoader(), "rng": ckpt.RNGState()}  # fmt: skip
+    ckpt.save_train_state(str(step), state, rank=0)
     return model, root
+
+
+class _NoLoader:
+    def state_dict(self):
+        return {}
 
 
 @pytest.mark.parametrize("source", ["vmae", "official.pth", "run", "run/step_00000004"])
@@ -186,7 +201,8 @@ def class_shards(tmp_path_factory):
 def test_debug_finetune_stops_resumes_and_beats_chance(class_shards, pretrained, tmp_path):
     import ray
 
-    from jobs.evaluate import EvalConfig, SplitSection, evaluate, load_any_checkpoint
+    from jobs.checkpointing import load_any_checkpoint
+    from jobs.evaluate import EvalConfig, SplitSection, evaluate
     from jobs.finetune import fit
     from jobs.metrics import read_metrics
 
@@ -211,10 +227,11 @@ def test_debug_finetune_stops_resumes_and_beats_chance(class_shards, pretrained,
     final = str(tmp_path / "finetune-debug" / "final")
     meta = json.loads(open(os.path.join(final, "vmae.json")).read())
     assert meta["kind"] == "classifier" and meta["num_classes"] == 4
-    from_run, run_meta = load_any_checkpoint(str(tmp_path / "finetune-debug"))  # its latest Ray checkpoint
-    assert run_meta["url"].endswith("step_00000024") and isinstance(from_run, VideoMAEClassifier)
-    final_model = load_any_checkpoint(final)[0]
-    for k, v in final_model.state_dict().items():
+    from_run, run_meta = load_any_checkpoint(str(tmp_path / "finetune-debug"))  # the run: its export
+    assert run_meta["url"] == final and isinstance(from_run, VideoMAEClassifier)
+    last_step, step_meta = load_any_checkpoint(str(tmp_path / "finetune-debug" / "step_00000024"))
+    assert step_meta["url"].endswith("step_00000024")
+    for k, v in last_step.state_dict().items():  # the export is the last step's weights
         assert torch.equal(v, from_run.state_dict()[k]), k
     report = evaluate(
         EvalConfig(

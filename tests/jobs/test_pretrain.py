@@ -15,10 +15,11 @@ import torch
 
 from jobs import checkpointing as ckpt
 from jobs.config import load_config
+from jobs.launch import local_log_dir
 from jobs.metrics import read_metrics
 from jobs.optim import lr_at
-from jobs.pretrain import fit, local_log_dir
-from jobs.pretrain_config import PretrainConfig
+from jobs.pretrain import fit
+from jobs.train_config import PretrainConfig
 from pipeline.storage import exists as storage_exists
 from tests.pipeline.shardset_helpers import make_shard_set
 
@@ -64,12 +65,17 @@ def test_debug_run_learns_and_checkpoints(reference):
         "step_00000008",
     ]
     assert result.checkpoint.path.endswith("step_00000008") and result.metrics["step"] == 8
-    final = os.path.join(run_dir, "step_00000008")
-    assert {"model.pt", "optim.pt", "trainer.pt", "rank_0.pt", "rank_1.pt"} <= set(os.listdir(final))
-    trainer = ckpt.read_trainer_state(final)
+    last = os.path.join(run_dir, "step_00000008")
+    assert {"model.safetensors", "vmae.json", "optim.pt", "trainer.pt", "rank_0.pt", "rank_1.pt"} <= set(
+        os.listdir(last)
+    )
+    trainer = ckpt.read_trainer_state(last)
     assert trainer["progress"] == {"step": 8, "samples_seen": 64, "world_size": 2}
-    model_state = torch.load(os.path.join(final, "model.pt"), weights_only=True)
-    assert "encoder.patch_embed.proj.weight" in model_state
+    # the finished run ends with an exported model: the last step's weights, in our format
+    exported, meta = ckpt.load_any_checkpoint(run_dir)
+    assert meta["url"] == os.path.join(run_dir, "final") and meta["kind"] == "pretrain"
+    step_model, _ = ckpt.load_any_checkpoint(last)
+    assert all(torch.equal(v, step_model.state_dict()[k]) for k, v in exported.state_dict().items())
     assert os.path.exists(os.path.join(run_dir, "config.yaml"))
     assert os.listdir(os.path.join(run_dir, "logs", "images"))
     assert os.listdir(os.path.join(run_dir, "logs", "tensorboard"))
@@ -114,8 +120,9 @@ def test_s3_checkpoints_stop_and_resume_continue_exactly(reference, shards, s3_b
     fit(cfg, resume=True)
     latest = ckpt.latest_checkpoint_dir(cfg.run_url)
     assert latest == f"{s3_bucket}/runs/resumed/step_00000008"
-    for name in ("model.pt", "optim.pt", "trainer.pt", "rank_0.pt", "rank_1.pt"):
+    for name in ("model.safetensors", "vmae.json", "optim.pt", "trainer.pt", "rank_0.pt", "rank_1.pt"):
         assert storage_exists(f"{latest}/{name}"), name
+    assert storage_exists(f"{cfg.run_url}/final/vmae.json")  # exported to S3 by rank 0
     assert storage_exists(f"{cfg.run_url}/config.yaml") and storage_exists(
         f"{cfg.run_url}/logs/metrics.jsonl"
     )

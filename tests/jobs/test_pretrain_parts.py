@@ -28,60 +28,95 @@ def test_rng_state_roundtrip_through_weights_only_file(tmp_path):
 
 
 def _model():
+    from model import VideoMAE, get_config
+
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    return VideoMAE(get_config("tiny"))
 
 
 def _train_steps(model, opt, n):
+    from pipeline.masking import tube_mask
+
     g = torch.Generator().manual_seed(5)
+    cfg = model.cfg
     for _ in range(n):
-        x = torch.randn(16, 4, generator=g)
-        loss = model(x).pow(2).mean()
+        x = torch.randn(4, 3, cfg.num_frames, cfg.img_size, cfg.img_size, generator=g)
+        loss, _ = model(x, tube_mask(4, *cfg.grid, cfg.mask_ratio, g))
         loss.backward()
         opt.step()
         opt.zero_grad()
     return float(loss.detach())
 
 
-def test_save_and_load_checkpoint_continues_identically(tmp_path):
-    """Train 3 steps, checkpoint, train 2 more; a fresh model restored from the checkpoint must match."""
+class _Loader:  # the loader's stateful interface, without shards
+    def __init__(self, cursor=0):
+        self.cursor = cursor
+
+    def state_dict(self):
+        return {"cursor": self.cursor, "epoch": 0}
+
+    def load_state_dict(self, state):
+        self.cursor = state["cursor"]
+
+
+def _state(model, opt, sched, progress, loader):
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return {"model": model, "optimizer": opt, "schedule": sched, "scaler": scaler, "progress": progress,
+            "loader": loader, "rng": ckpt.RNGState()}  # fmt: skip
+
+
+def test_save_and_load_train_state_continues_identically(tmp_path):
+    """Train 3 steps, save the train state from 2 ranks, train 2 more; fresh parts restored from the
+    checkpoint through the one path (load_train_state) must continue with the same losses and RNG draws."""
     model = _model()
     opt = build_optimizer(model, OptimConfig(), lr=1e-2)
     sched = SampleCosineSchedule(opt, peak_lr=1e-2, warmup_samples=0, total_samples=100)
     _train_steps(model, opt, 3)
     sched.step(48)
     progress = ckpt.TrainProgress(step=3, samples_seen=48, world_size=2)
+    ckpt.seed_everything(42)
     for rank in (0, 1):
-        ckpt.save_checkpoint(
-            str(tmp_path),
-            rank=rank,
-            model=model,
-            optimizer=opt,
-            progress=progress,
-            scheduler_state=sched.state_dict(),
-            scaler_state={},
-            loader_state={"cursor": 10 + rank, "epoch": 0},
-        )
+        state = _state(model, opt, sched, progress, _Loader(cursor=10 + rank))
+        ckpt.save_train_state(str(tmp_path), state, rank=rank)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    draws = _draws()
     expected = _train_steps(model, opt, 2)
+    assert {"model.safetensors", "vmae.json", "optim.pt", "trainer.pt", "rank_0.pt", "rank_1.pt"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
 
-    fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
-    ckpt.load_model_weights(fresh, str(tmp_path))
+    fresh = _model()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
     fresh_opt = build_optimizer(fresh, OptimConfig(), lr=0.0)
-    ckpt.load_optimizer(fresh_opt, str(tmp_path))
-    trainer = ckpt.read_trainer_state(str(tmp_path))
     fresh_sched = SampleCosineSchedule(fresh_opt, peak_lr=1e-2, warmup_samples=0, total_samples=100)
-    fresh_sched.load_state_dict(trainer["scheduler"])
-    assert ckpt.TrainProgress.from_state_dict(trainer["progress"]) == progress
+    fresh_progress, loader = ckpt.TrainProgress(world_size=2), _Loader()
+    ckpt.seed_everything(7)
+    ckpt.load_train_state(str(tmp_path), _state(fresh, fresh_opt, fresh_sched, fresh_progress, loader), rank=1,
+                          world_size=2, reseed=lambda step: pytest.fail("rank 1 has its own RNG state"))  # fmt: skip
+    assert fresh_progress == progress and loader.cursor == 11
     assert fresh_opt.param_groups[0]["lr"] == pytest.approx(sched.get_last_lr())
+    assert _draws() == draws  # rank 1's RNG streams, as saved
     assert _train_steps(fresh, fresh_opt, 2) == expected
 
-    assert ckpt.read_rank_state(str(tmp_path), 1, old_world_size=2)["loader"]["cursor"] == 11
-    grown = ckpt.read_rank_state(str(tmp_path), 3, old_world_size=2)  # resize 2 -> 4 workers
-    assert grown["rng"] is None and grown["loader"]["cursor"] == 10
+    # resize 2 -> 4 workers: rank 3 takes rank 0's loader state and a fresh deterministic seed
+    reseeded = []
+    grown = _Loader()
+    ckpt.load_train_state(str(tmp_path), _state(_model(), build_optimizer(_model(), OptimConfig(), lr=0.0),
+                          SampleCosineSchedule(opt, peak_lr=1e-2, warmup_samples=0, total_samples=100),
+                          ckpt.TrainProgress(), grown), rank=3, world_size=4, reseed=reseeded.append)  # fmt: skip
+    assert grown.cursor == 10 and reseeded == [3]
+    from jobs.checkpointing import load_any_checkpoint  # a step checkpoint is an exported model too
+
+    loaded, meta = load_any_checkpoint(str(tmp_path))
+    assert meta["format"] == "vmae" and meta["kind"] == "pretrain"
+    assert loaded.state_dict().keys() == saved.keys()
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
 
 
 def test_read_trainer_state_rejects_foreign_directory(tmp_path):
-    with pytest.raises(ValueError, match="not a vmae pretrain checkpoint"):
+    with pytest.raises(ValueError, match="not a vmae training checkpoint"):
         ckpt.read_trainer_state(str(tmp_path))
 
 
@@ -108,13 +143,22 @@ def test_mfu_matches_hand_computation():
 
 
 def test_metrics_jsonl_last_write_wins(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     log = MetricsLogger(str(tmp_path), tensorboard=True)
-    for step, loss in ((1, 1.0), (2, 0.9), (3, 0.8), (2, 0.5), (3, 0.4)):  # steps 2-3 replayed
-        log.log(step, {"loss": loss})
+    writes = ((1, 1.0, 0.1), (2, 0.9, 0.2), (3, 0.8, 0.3), (2, 0.5, 0.2), (3, 0.4, 0.3))  # steps 2-3 replayed
+    for step, loss, lr in writes:
+        log.log(step, {"loss": loss, "lr": lr})
     log.close()
     recs = read_metrics(str(tmp_path / "metrics.jsonl"))
     assert [r["loss"] for r in recs.values()] == [1.0, 0.5, 0.4]
-    assert any((tmp_path / "tensorboard").iterdir())
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["train/loss", "train/lr"]
+    for tag, col in (("train/loss", 1), ("train/lr", 2)):  # TensorBoard keeps every write, in order
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in got] == [w[0] for w in writes]
+        assert [v for _, v in got] == pytest.approx([w[col] for w in writes], rel=1e-6)
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
 
 
@@ -146,11 +190,20 @@ def test_reconstruction_grid_writes_png(tmp_path):
 def test_every_pretrain_yaml_loads_and_is_consistent(name):
     from jobs.config import load_config
     from jobs.optim import batch_plan, schedule_samples
-    from jobs.pretrain_config import PretrainConfig
+    from jobs.pretrain import PretrainTask
+    from jobs.train_config import PretrainConfig
 
     cfg = load_config(PretrainConfig, f"configs/pretrain/{name}.yaml")
     model = cfg.model.build()
-    assert (model.num_frames, model.img_size) == (cfg.loader.num_frames, cfg.loader.input_size)
+    spec = PretrainTask(cfg).clip_spec()  # what the loader makes: the model's clips and masks
+    assert (spec.num_frames, spec.input_size, spec.patch_size, spec.tubelet_size) == (
+        model.num_frames, model.img_size, model.patch_size, model.tubelet_size
+    )  # fmt: skip
+    assert (spec.mask_ratio, spec.mask_type, spec.num_masked) == (
+        model.mask_ratio,
+        model.mask_type,
+        model.num_masked,
+    )
     plan = batch_plan(cfg.optim, per_worker_batch=cfg.loader.batch_size, world_size=cfg.scaling.num_workers)
     if name == "debug":
         assert model.img_size == 32 and cfg.scaling.num_workers == 2 and not cfg.scaling.use_gpu
@@ -164,11 +217,11 @@ def test_every_pretrain_yaml_loads_and_is_consistent(name):
     assert cfg.parallel.strategy == ("fsdp" if name == "vit_l" else "ddp")
 
 
-def test_pretrain_config_rejects_model_loader_mismatch():
+def test_pretrain_config_rejects_bad_input():
     from jobs.config import load_config
-    from jobs.pretrain_config import PretrainConfig
+    from jobs.train_config import PretrainConfig
 
-    with pytest.raises(ValueError, match="num_frames"):
+    with pytest.raises(ValueError, match=r"loader: unknown key\(s\) \['num_frames'\]"):  # the model's, once
         load_config(PretrainConfig, "configs/pretrain/debug.yaml", ["loader.num_frames=8"])
     with pytest.raises(ValueError, match="unknown model config"):
         load_config(PretrainConfig, "configs/pretrain/debug.yaml", ["model.name=vit_z"])
@@ -181,9 +234,8 @@ def test_pretrain_config_rejects_model_loader_mismatch():
 def test_relative_input_paths_are_resolved_before_reaching_workers(tmp_path, monkeypatch):
     """Ray Train workers run in another working directory: `make demo` once failed on a relative manifest."""
     from jobs.config import load_config
-    from jobs.finetune_config import FinetuneConfig
-    from jobs.pretrain import with_absolute_paths
-    from jobs.pretrain_config import PretrainConfig
+    from jobs.launch import with_absolute_paths
+    from jobs.train_config import FinetuneConfig, PretrainConfig
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(

@@ -80,7 +80,7 @@ def check_shard_set(out: str, st: storage.StorageConfig | None = None) -> tuple[
     rows = mf.read_table(storage.join(out, mf.INDEX_NAME), st).to_pylist()
     assert m.num_samples == len(rows) == sum(s.num_samples for s in m.shards)
     assert [r["key"] for r in rows] == [k for s in m.shards for k in s.keys]
-    assert set(mf.INDEX_COLUMNS) <= set(rows[0])
+    assert list(rows[0]) == list(mf.INDEX_COLUMNS)  # the schema of pipeline.manifest, in its order
     by_shard = {}
     for s in m.shards:
         raw = storage.read_bytes(m.shard_url(s), st)

@@ -1,10 +1,9 @@
 import dataclasses
 
 import pytest
-import torch
 
 from jobs.config import load_config
-from model import CONFIGS, VideoMAEConfig, get_config, random_mask, tube_mask
+from model import CONFIGS, VideoMAEConfig, get_config
 
 PAPER = {  # name: (width, depth, heads, decoder width, decoder heads)
     "vit_s": (384, 12, 6, 384, 6),
@@ -77,59 +76,13 @@ def test_yaml_loading_through_job_loader(tmp_path):
     assert (cfg.encoder_width, cfg.mask_ratio, cfg.decoder_depth) == (96, 0.5, 2)
 
 
-def test_tube_mask_is_constant_over_time_with_exact_ratio():
-    t, h, w, ratio = 4, 7, 7, 0.9
-    mask = tube_mask(8, t, h, w, ratio, torch.Generator().manual_seed(0))
-    assert mask.dtype == torch.bool and mask.shape == (8, t * h * w)
-    grid = mask.view(8, t, h * w)
-    assert torch.equal(grid, grid[:, :1].expand_as(grid))
-    assert (grid[:, 0].sum(1) == round(ratio * h * w)).all()
-    assert (mask.sum(1) == t * round(ratio * h * w)).all()
-    assert not torch.equal(grid[0, 0], grid[1, 0])  # samples differ
-
-
-def test_random_masks_exact_counts_and_differ_over_time():
-    t, h, w, ratio = 4, 6, 6, 0.75
-    gen = torch.Generator().manual_seed(1)
-    token = random_mask(4, t, h, w, ratio, gen)
-    assert (token.sum(1) == round(ratio * t * h * w)).all()
-    frame = random_mask(4, t, h, w, ratio, gen, per_frame=True).view(4, t, h * w)
-    assert (frame.sum(-1) == round(ratio * h * w)).all()
-    for m in (token.view(4, t, h * w), frame):
-        assert any(not torch.equal(m[b, 0], m[b, i]) for b in range(4) for i in range(1, t))
-
-
-def test_masks_are_uniform_over_positions():
-    """Each spatial position is masked with probability ~ratio (draws are not biased to a corner)."""
-    mask = tube_mask(4000, 1, 4, 4, 0.5, torch.Generator().manual_seed(2))
-    freq = mask.float().mean(0)
-    assert torch.allclose(freq, torch.full_like(freq, 0.5), atol=0.04)
-
-
-@pytest.mark.parametrize("fn", [tube_mask, random_mask])
-def test_generator_makes_masks_deterministic(fn):
-    a = fn(3, 2, 4, 4, 0.75, torch.Generator().manual_seed(7))
-    b = fn(3, 2, 4, 4, 0.75, torch.Generator().manual_seed(7))
-    c = fn(3, 2, 4, 4, 0.75, torch.Generator().manual_seed(8))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-
-
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        ((0, 2, 4, 4, 0.5), "batch must be a positive int"),
-        ((2, 2, 4.0, 4, 0.5), "h must be a positive int"),
-        ((2, 2, 4, 4, 1.0), r"ratio must be in \[0, 1\)"),
-        ((2, 2, 4, 4, -0.1), r"ratio must be in \[0, 1\)"),
-    ],
-)
-def test_mask_bad_inputs(args, message):
-    with pytest.raises(ValueError, match=message):
-        tube_mask(*args, torch.Generator())
-    with pytest.raises(ValueError, match=message):
-        random_mask(*args, torch.Generator())
-
-
-def test_mask_needs_generator():
-    with pytest.raises(ValueError, match="generator must be a torch.Generator"):
-        tube_mask(2, 2, 4, 4, 0.5, 123)
+def test_clip_spec_is_derived_from_the_model_config():
+    """The loader's clip geometry and mask come from the model config (their one home)."""
+    cfg = get_config("tiny", num_frames=8, mask_ratio=0.9, mask_type="random")
+    spec = cfg.clip_spec()
+    assert (spec.num_frames, spec.input_size, spec.patch_size, spec.tubelet_size) == (8, 32, 8, 2)
+    assert (spec.mask_type, spec.mask_ratio) == ("random", 0.9)
+    assert spec.token_grid == cfg.grid and spec.num_tokens == cfg.num_patches
+    assert spec.num_masked == cfg.num_masked == round(0.9 * 4 * 4 * 4)
+    whole = cfg.clip_spec(masking=False)
+    assert (whole.mask_type, whole.mask_ratio, whole.num_masked) == ("none", 0.0, 0)

@@ -6,7 +6,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from jobs.cli import main
-from model import VideoMAE, VideoMAEClassifier, get_config, tube_mask
+from model import VideoMAE, VideoMAEClassifier, get_config
 from model.flops import (
     classifier_forward_flops,
     classifier_param_count,
@@ -14,6 +14,7 @@ from model.flops import (
     pretrain_forward_flops,
     pretrain_train_flops,
 )
+from pipeline.masking import tube_mask
 
 
 def _count(fn) -> int:

@@ -10,12 +10,11 @@ from model import (
     VideoMAEClassifier,
     get_config,
     patchify,
-    random_mask,
-    tube_mask,
     unpatchify,
 )
 from model.layers import sinusoid_table
-from model.videomae import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.masking import random_mask, tube_mask
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _video(cfg, batch=2, seed=0):

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from model import VideoMAE, VideoMAEClassifier, get_config, tube_mask
+from model import VideoMAE, VideoMAEClassifier, get_config
 from model.parallelize import parallelize
+from pipeline.masking import tube_mask
 
 CFG = get_config("tiny", drop_path_rate=0.0)
 

@@ -20,9 +20,11 @@ from pipeline.loader import (
     plan_epoch,
 )
 from pipeline.manifest import write_subset
+from pipeline.masking import ClipSpec
 from tests.pipeline.shardset_helpers import make_shard_set
 
-SMALL = dict(num_frames=4, sampling_rate=2, input_size=32, patch_size=16, mask_ratio=0.5, shuffle_buffer=4)
+SMALL = dict(sampling_rate=2, shuffle_buffer=4)
+SPEC = ClipSpec(num_frames=4, input_size=32, patch_size=16, tubelet_size=2, mask_ratio=0.5, mask_type="tube")
 
 
 def small_cfg(url, **kw) -> LoaderConfig:
@@ -103,7 +105,7 @@ def test_elastic_replan_covers_the_rest_exactly_once():
 
 def test_exactly_once_over_2_ranks_x_2_workers_with_uneven_shards(uneven):
     cfg = small_cfg(uneven)
-    per_rank = [run_epoch(make_loader(cfg, rank=r, world_size=2)) for r in range(2)]
+    per_rank = [run_epoch(make_loader(cfg, SPEC, rank=r, world_size=2)) for r in range(2)]
     assert [len(b) for b in per_rank] == [5, 5]  # 22 // (2 ranks * 2) = 5 batches each, 2 dropped
     keys = [k for batches in per_rank for b in batches for k in b[0]]
     assert len(keys) == 20 and len(set(keys)) == 20
@@ -117,31 +119,31 @@ def test_exactly_once_over_2_ranks_x_2_workers_with_uneven_shards(uneven):
 
 def test_deterministic_and_epoch_dependent(uneven):
     cfg = small_cfg(uneven, num_workers=1)
-    a = run_epoch(make_loader(cfg, rank=1, world_size=2))
-    b = run_epoch(make_loader(cfg, rank=1, world_size=2))
+    a = run_epoch(make_loader(cfg, SPEC, rank=1, world_size=2))
+    b = run_epoch(make_loader(cfg, SPEC, rank=1, world_size=2))
     assert [x[0] for x in a] == [x[0] for x in b]
     assert all(torch.equal(x[1], y[1]) and torch.equal(x[2], y[2]) for x, y in zip(a, b, strict=True))
-    loader = make_loader(cfg, rank=1, world_size=2)
+    loader = make_loader(cfg, SPEC, rank=1, world_size=2)
     loader.set_epoch(1)
     c = run_epoch(loader)
     assert [x[0] for x in c] != [x[0] for x in a]
     assert loader.epoch == 2 and len(loader) == 5  # finishing an epoch moves to the next
-    other_seed = run_epoch(make_loader(small_cfg(uneven, num_workers=1, seed=9), rank=1, world_size=2))
+    other_seed = run_epoch(make_loader(small_cfg(uneven, num_workers=1, seed=9), SPEC, rank=1, world_size=2))
     assert [x[0] for x in other_seed] != [x[0] for x in a]
 
 
 @pytest.mark.parametrize("cut", [1, 3])
 def test_resume_mid_epoch_equals_uninterrupted(uneven, cut):
     cfg = small_cfg(uneven, batch_size=4, num_sample=2, num_workers=2)  # 2 videos x 2 clips per batch
-    full = make_loader(cfg, rank=0, world_size=2)
+    full = make_loader(cfg, SPEC, rank=0, world_size=2)
     full.set_epoch(4)
     want = run_epoch(full)
-    first = make_loader(cfg, rank=0, world_size=2)
+    first = make_loader(cfg, SPEC, rank=0, world_size=2)
     first.set_epoch(4)
     head = run_epoch(first, limit=cut)
     state = first.state_dict()
     assert state["epoch"] == 4 and state["cursor"] == cut
-    resumed = make_loader(cfg, rank=0, world_size=2)
+    resumed = make_loader(cfg, SPEC, rank=0, world_size=2)
     resumed.load_state_dict(state)
     resumed.set_epoch(4)  # what a trainer does: a no-op that keeps the cursor
     tail = run_epoch(resumed)
@@ -156,18 +158,18 @@ def test_elastic_resume_world_2_to_3(uneven):
     """Save after 2 batches on 2 ranks, resume on 3 ranks with 1 worker: the rest of the epoch, each sample
     once, same clip per key as the uninterrupted run would have made, equal batches on the new ranks."""
     cfg = small_cfg(uneven, batch_size=1, num_workers=2)
-    old = [make_loader(cfg, rank=r, world_size=2) for r in range(2)]
+    old = [make_loader(cfg, SPEC, rank=r, world_size=2) for r in range(2)]
     seen = [b for loader in old for b in run_epoch(loader, limit=2)]
     state = old[0].state_dict()
     new_cfg = small_cfg(uneven, batch_size=1, num_workers=1)
-    new = [make_loader(new_cfg, rank=r, world_size=3) for r in range(3)]
+    new = [make_loader(new_cfg, SPEC, rank=r, world_size=3) for r in range(3)]
     for loader in new:
         loader.load_state_dict(state)
     rest = [run_epoch(loader) for loader in new]
     assert len({len(r) for r in rest}) == 1  # equal batches per rank
     keys = [b[0][0] for b in seen] + [b[0][0] for r in rest for b in r]
     assert max(Counter(keys).values()) == 1 and len(keys) >= 22 - 3 + 1
-    ref = {b[0][0]: b[1] for r in range(2) for b in run_epoch(make_loader(cfg, rank=r, world_size=2))}
+    ref = {b[0][0]: b[1] for r in range(2) for b in run_epoch(make_loader(cfg, SPEC, rank=r, world_size=2))}
     for b in [b for r in rest for b in r]:
         if b[0][0] in ref:
             assert torch.equal(b[1], ref[b[0][0]])
@@ -177,7 +179,7 @@ def test_elastic_resume_world_2_to_3(uneven):
 def test_pad_remainder_repeats_head_samples(tmp_path, workers):
     url = str(tmp_path / "seven")
     make_shard_set(url, 7, 2)
-    loader = make_loader(small_cfg(url, remainder="pad", num_workers=workers), rank=0, world_size=1)
+    loader = make_loader(small_cfg(url, remainder="pad", num_workers=workers), SPEC, rank=0, world_size=1)
     keys = [k for b in run_epoch(loader) for k in b[0]]
     assert len(keys) == 8 and set(keys) == {f"vid{i:05d}" for i in range(7)}
     assert sorted(Counter(keys).values()) == [1] * 6 + [2]
@@ -190,12 +192,12 @@ def test_subset_streams_only_selected_keys_and_skips_empty_shards(tmp_path):
     write_subset(str(tmp_path / "sub.parquet"), chosen, source_manifest=url, rule={"t": 1}, inputs_hash="h")
     (tmp_path / "set" / "shard-000002.tar").unlink()  # never opened: it has no selected key
     cfg = small_cfg(url, subset=str(tmp_path / "sub.parquet"))
-    loader = make_loader(cfg, rank=0, world_size=1)
+    loader = make_loader(cfg, SPEC, rank=0, world_size=1)
     keys = [k for b in run_epoch(loader) for k in b[0]]
     assert sorted(keys) == sorted(chosen) and loader.stats["skipped"] == 0
     write_subset(str(tmp_path / "bad.parquet"), ["nope"], source_manifest=url, rule={}, inputs_hash="h")
     with pytest.raises(ValueError, match="not in"):
-        make_loader(small_cfg(url, subset=str(tmp_path / "bad.parquet")))
+        make_loader(small_cfg(url, subset=str(tmp_path / "bad.parquet")), SPEC)
 
 
 def test_bad_samples_skipped_counted_across_workers(tmp_path, caplog):
@@ -203,7 +205,7 @@ def test_bad_samples_skipped_counted_across_workers(tmp_path, caplog):
     bad = {1: "garbage", 4: "no_mp4", 6: "absent", 9: "bad_label"}
     make_shard_set(url, 12, 3, bad=bad, frames=lambda i: 3 if i == 10 else 12)
     cfg = small_cfg(url, batch_size=3, num_workers=2, min_frames=4, shuffle_buffer=0)
-    loader = make_loader(cfg, rank=0, world_size=1)
+    loader = make_loader(cfg, SPEC, rank=0, world_size=1)
     with caplog.at_level("WARNING"):
         batches = run_epoch(loader)
     assert len(batches) == 4
@@ -217,14 +219,14 @@ def test_bad_samples_skipped_counted_across_workers(tmp_path, caplog):
 
 
 def test_state_dict_mismatches_raise(uneven, tmp_path):
-    loader = make_loader(small_cfg(uneven), rank=0, world_size=2)
+    loader = make_loader(small_cfg(uneven), SPEC, rank=0, world_size=2)
     state = loader.state_dict()
     with pytest.raises(ValueError, match="seed"):
-        make_loader(small_cfg(uneven, seed=3), rank=0, world_size=2).load_state_dict(state)
+        make_loader(small_cfg(uneven, seed=3), SPEC, rank=0, world_size=2).load_state_dict(state)
     other = str(tmp_path / "other")
     make_shard_set(other, 8, 2)
     with pytest.raises(ValueError, match="different samples"):
-        make_loader(small_cfg(other), rank=0, world_size=2).load_state_dict(state)
+        make_loader(small_cfg(other), SPEC, rank=0, world_size=2).load_state_dict(state)
     with pytest.raises(ValueError, match="version"):
         loader.load_state_dict({**state, "version": 99})
 
@@ -233,23 +235,27 @@ def test_config_yaml_overrides_and_validation(uneven, tmp_path):
     (tmp_path / "l.yaml").write_text(f"manifest: {uneven}\nbatch_size: 4\nnum_sample: 2\nscales: [1, 0.5]\n")
     cfg = load_config(LoaderConfig, str(tmp_path / "l.yaml"), ["sampling_rate=2", "storage.retries=1"])
     assert cfg.videos_per_batch == 2 and cfg.scales == (1.0, 0.5) and cfg.storage.retries == 1
-    for bad, field in [({"batch_size": 3, "num_sample": 2}, "num_sample"), ({"mask_type": "x"}, "mask_type"),
+    for bad, field in [({"batch_size": 3, "num_sample": 2}, "num_sample"), ({"sampling_rate": 0}, "sampling_rate"),
                        ({"num_workers": -1}, "num_workers"), ({"remainder": "wrap"}, "remainder"),
-                       ({"num_frames": 0}, "num_frames")]:  # fmt: skip
+                       ({"scales": (1.5,)}, "scales"), ({"min_frames": 0}, "min_frames")]:  # fmt: skip
         with pytest.raises(ValueError, match=field):
             LoaderConfig(manifest=uneven, **bad)
     with pytest.raises(ValueError, match="manifest"):
         LoaderConfig()
+    with pytest.raises(TypeError, match="num_frames"):  # clip geometry is the model's, not the loader's
+        LoaderConfig(manifest=uneven, num_frames=8)
+    with pytest.raises(ValueError, match="spec must be a ClipSpec"):
+        make_loader(small_cfg(uneven), None, rank=0, world_size=1)
     with pytest.raises(ValueError, match="no full batch"):
-        make_loader(small_cfg(uneven, batch_size=8), rank=0, world_size=4)
+        make_loader(small_cfg(uneven, batch_size=8), SPEC, rank=0, world_size=4)
     with pytest.raises(ValueError, match="rank"):
-        make_loader(small_cfg(uneven), rank=2, world_size=2)
+        make_loader(small_cfg(uneven), SPEC, rank=2, world_size=2)
 
 
 @pytest.mark.s3
 def test_reads_from_s3(s3_bucket):
     url = storage.join(s3_bucket, "sets/tiny")
     make_shard_set(url, 6, 2)
-    loader = make_loader(small_cfg(url, num_workers=1), rank=0, world_size=1)
+    loader = make_loader(small_cfg(url, num_workers=1), SPEC, rank=0, world_size=1)
     keys = [k for b in run_epoch(loader) for k in b[0]]
     assert sorted(keys) == [f"vid{i:05d}" for i in range(6)] and loader.stats["skipped"] == 0

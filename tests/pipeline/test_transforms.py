@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from model import tube_mask
-from pipeline.clips import ClipSpec, clip_masks, make_clips, sample_frame_indices, sample_generator
+from pipeline.clips import make_clips, sample_frame_indices, sample_generator
 from pipeline.decode import BadSample, read_clip_frames
 from pipeline.encode import encode_mp4
+from pipeline.loader import LoaderConfig
+from pipeline.masking import ClipSpec, tube_mask
 from pipeline.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -123,11 +124,13 @@ def test_decode_bad_inputs_raise_bad_sample():
 
 def test_make_clips_values_indices_and_masks():
     """Flat frames with a known grey level per frame: the clip must hold the levels of the frames the
-    official sampler picks, normalised per channel, and the masks of ``model.tube_mask``."""
-    spec = ClipSpec(num_frames=4, sampling_rate=3, input_size=32, patch_size=16, tubelet_size=2, mask_ratio=0.5,
-                    num_sample=3)  # fmt: skip
+    official sampler picks, normalised per channel, and the masks of ``pipeline.masking.tube_mask``."""
+    spec = ClipSpec(
+        num_frames=4, input_size=32, patch_size=16, tubelet_size=2, mask_ratio=0.5, mask_type="tube"
+    )
+    aug = LoaderConfig(manifest="unused", sampling_rate=3, num_sample=3, batch_size=3)
     data = encode_mp4(video_frames(0, 30, 64, 48, "index"), fps=25, crf=10)
-    video, mask = make_clips(data, "vidA", spec, seed=7, epoch=2)
+    video, mask = make_clips(data, "vidA", spec, aug, seed=7, epoch=2)
     assert video.shape == (3, 3, 4, 32, 32) and video.dtype == torch.float32
     assert mask.shape == (3, 8) and mask.dtype == torch.bool
     expected_idx = sample_frame_indices(30, 4, 3, sample_generator(7, 2, "vidA", "time"))
@@ -141,21 +144,6 @@ def test_make_clips_values_indices_and_masks():
         g = sample_generator(7, 2, "vidA", f"mask{r}")
         assert torch.equal(mask[r], tube_mask(1, 2, 2, 2, 0.5, g)[0])
     # same key, other epoch: other start frame or crop, other masks
-    video2, mask2 = make_clips(data, "vidA", spec, seed=7, epoch=3)
-    again, _ = make_clips(data, "vidA", spec, seed=7, epoch=2)
+    video2, mask2 = make_clips(data, "vidA", spec, aug, seed=7, epoch=3)
+    again, _ = make_clips(data, "vidA", spec, aug, seed=7, epoch=2)
     assert torch.equal(again, video) and not torch.equal(mask2, mask)
-
-
-def test_clip_spec_validation_names_field():
-    with pytest.raises(ValueError, match="tubelet_size"):
-        ClipSpec(num_frames=5, tubelet_size=2)
-    with pytest.raises(ValueError, match="patch_size"):
-        ClipSpec(input_size=100, patch_size=16)
-    with pytest.raises(ValueError, match="mask_type"):
-        ClipSpec(mask_type="blocks")
-    with pytest.raises(ValueError, match="mask_ratio"):
-        ClipSpec(mask_ratio=1.0)
-    with pytest.raises(ValueError, match="scales"):
-        ClipSpec(scales=(1.0, 1.5))
-    spec = ClipSpec(mask_type="none")
-    assert clip_masks(spec, [torch.Generator()]).sum() == 0 and spec.num_tokens == 8 * 14 * 14

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.encode import encode_mp4
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.views import (
     ViewSpec,
     clip_frame_indices,
@@ -28,8 +29,8 @@ def coded_frames(n: int, height: int, width: int) -> np.ndarray:
 
 
 def unnormalise(views: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
-    mean = torch.tensor(spec.mean)[None, :, None, None, None]
-    std = torch.tensor(spec.std)[None, :, None, None, None]
+    mean = torch.tensor(IMAGENET_MEAN)[None, :, None, None, None]
+    std = torch.tensor(IMAGENET_STD)[None, :, None, None, None]
     return torch.round((views * std + mean) * 255).to(torch.int64)
 
 

@@ -1,8 +1,17 @@
-"""``PretrainConfig``: one frozen tree for ``vmae pretrain`` (YAML in ``configs/pretrain/``).
+"""The configs of the two training jobs: ``PretrainConfig`` (``vmae pretrain``, YAML in ``configs/pretrain/``) and
+``FinetuneConfig`` (``vmae finetune``, ``configs/finetune/``), both a :class:`TrainConfig`.
 
-Why its own module: the driver (``jobs.pretrain``) and the per-worker loop (``jobs.train_loop``) both need it,
-and the loop must be importable on Ray workers without the CLI. Sub-configs that belong to a single concern
-(optimizer, schedule, checkpoints, metrics) live next to their code; the Ray-facing ones live here.
+Why one module: the drivers and the one trainer (``jobs.trainer``, run on every Ray Train worker) need them,
+and the trainer must be importable on workers without the CLI. What the two runs share (model, loader, optimizer,
+schedule, checkpoints, parallelism, scaling, failures, metrics, fault injection) is declared once in
+``TrainConfig``; each job adds only its own fields. Sub-configs that belong to a single concern (optimizer,
+schedule, checkpoints, metrics, loader) live next to their code; the Ray-facing ones live here. The model
+section is the one home of clip geometry and masking: the loader's clips are derived from it.
+
+Finetuning defaults follow the official VideoMAE finetuning script (``run_class_finetuning.py`` and
+``scripts/kinetics/.../finetune.sh``): AdamW betas (0.9, 0.999), weight decay 0.05, layer-wise lr decay 0.75,
+lr = base_lr x global_batch / 256 where the batch counts *videos* (repeated clips of ``num_sample`` do not
+count), warmup 5 epochs then cosine, drop path 0.1, mixup 0.8 / cutmix 1.0 with label smoothing 0.1.
 """
 
 from __future__ import annotations
@@ -18,24 +27,7 @@ from pipeline.loader import LoaderConfig
 
 STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-
-
-def check_model_matches_loader(m: VideoMAEConfig, ld: LoaderConfig, *, masking: bool) -> None:
-    """The loader must produce the clips (and, for pretraining, the masks) the model was built for."""
-    pairs = [
-        ("num_frames", m.num_frames, ld.num_frames),
-        ("img_size / input_size", m.img_size, ld.input_size),
-        ("patch_size", m.patch_size, ld.patch_size),
-        ("tubelet_size", m.tubelet_size, ld.tubelet_size),
-    ]
-    if masking:
-        pairs += [("mask_ratio", m.mask_ratio, ld.mask_ratio), ("mask_type", m.mask_type, ld.mask_type)]
-    for what, model_value, loader_value in pairs:
-        if model_value != loader_value:
-            raise ValueError(
-                f"model {what} = {model_value!r} but loader has {loader_value!r}; set both "
-                "(model.overrides.* and loader.*) to the same value"
-            )
+MIXUP_MODES = ("batch", "pair", "elem")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -125,10 +117,12 @@ class FaultInjection:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PretrainConfig:
-    """A pretraining run: ``storage_path/name`` is the run directory (local folder or ``s3://``)."""
+class TrainConfig:
+    """A training run: ``storage_path/name`` is the run directory (local folder or ``s3://``); the finished
+    model is exported to ``<run dir>/final`` (``model.save_checkpoint``, our format) for eval, studies and
+    finetuning."""
 
-    name: str = "debug"
+    name: str
     storage_path: str = "runs"
     seed: int = 0
     stop_at_step: int | None = None  # end this invocation after this step (checkpointed); --resume continues
@@ -150,10 +144,93 @@ class PretrainConfig:
             raise ValueError(f"stop_at_step must be >= 1 or null, got {self.stop_at_step}")
         if not self.storage_path:
             raise ValueError("storage_path must be a local folder or an s3:// URL")
-        check_model_matches_loader(self.model.build(), self.loader, masking=True)
         if self.parallel.strategy == "fsdp" and self.parallel.precision == "fp16":
             raise ValueError("parallel.precision fp16 needs a GradScaler; use bf16 with fsdp")
 
     @property
     def run_url(self) -> str:
         return self.storage_path.rstrip("/") + "/" + self.name
+
+    @property
+    def final_url(self) -> str:
+        """Where the finished model is exported (``vmae`` format directory)."""
+        return self.run_url + "/final"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainConfig(TrainConfig):
+    """A VideoMAE pretraining run (masked autoencoding; the loader's masks come from ``model``)."""
+
+    name: str = "debug"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AugmentSection:
+    """Batch-level regularisers of the finetuning recipe (timm ``Mixup`` arguments) and label smoothing.
+
+    ``mixup_alpha``/``cutmix_alpha`` 0 disable each; with both 0 the loss is label-smoothed cross entropy."""
+
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    prob: float = 1.0  # probability of mixing a batch at all
+    switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    mode: str = "batch"
+    label_smoothing: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ValueError("augment.mixup_alpha / cutmix_alpha must be >= 0 (0 disables)")
+        for name in ("prob", "switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"augment.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.mode not in MIXUP_MODES:
+            raise ValueError(f"augment.mode must be one of {MIXUP_MODES}, got {self.mode!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"augment.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    @property
+    def mixing(self) -> bool:
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(TrainConfig):
+    """A supervised finetuning run of a ``VideoMAEClassifier``.
+
+    ``pretrained``: a ``vmae``/``hf`` checkpoint directory, an official ``.pth``, a training run's checkpoint
+    (``<run>/step_*``) or run directory (its exported model, else its latest checkpoint); ``null`` trains from
+    scratch. The schedule's clock counts *videos* (the official lr rule), not clips."""
+
+    name: str = "finetune-debug"
+    pretrained: str | None = None
+    num_classes: int
+    head_drop: float = 0.0  # dropout before the head (official fc_drop_rate)
+    layer_decay: float = 0.75  # lr scale of layer i of L+2 (embed, blocks, head) = decay ** (L + 1 - i)
+    model: ModelSection = dataclasses.field(
+        default_factory=lambda: ModelSection(name="tiny", overrides={"drop_path_rate": 0.1})
+    )
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(base_lr=5e-4, betas=(0.9, 0.999), weight_decay=0.05)
+    )
+    schedule: ScheduleConfig = dataclasses.field(
+        default_factory=lambda: ScheduleConfig(epochs=75, warmup_epochs=5, min_lr=1e-6)
+    )
+    augment: AugmentSection = dataclasses.field(default_factory=AugmentSection)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {self.num_classes!r}")
+        if not 0.0 <= self.head_drop < 1.0:
+            raise ValueError(f"head_drop must be in [0, 1), got {self.head_drop}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1] (1 = no decay), got {self.layer_decay}")
+        if self.parallel.strategy != "ddp":
+            raise ValueError(
+                f"parallel.strategy must be 'ddp' for finetuning, got {self.parallel.strategy!r}"
+            )
+        if self.augment.mixing and self.loader.batch_size % 2:
+            raise ValueError(
+                "mixup/cutmix pair clips within a batch: loader.batch_size must be even, "
+                f"got {self.loader.batch_size}"
+            )

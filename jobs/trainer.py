@@ -1,0 +1,348 @@
+"""The one training loop (torchtitan's ``Trainer``) that Ray Train runs on every worker, for every task.
+
+A *task* supplies what differs between pretraining (``jobs.pretrain.PretrainTask``) and finetuning
+(``jobs.finetune.FinetuneTask``): its model, its optimizer's parameter groups, the clips it consumes (masked or
+whole), the forward of one micro-batch with its extra statistics, and what the schedule counts (clips or
+videos). Everything else lives here once: the data stream, autocast and DDP/FSDP wrapping, gradient
+accumulation, the samples-keyed schedule and resize policy (``jobs.optim``), the fault hook, metrics, the
+checkpoint report, exact resume and the exported model at the end.
+
+State: ``Trainer.state`` is the one dict of state-holding parts — ``model``, ``optimizer``, ``schedule``,
+``scaler``, ``progress``, ``loader``, ``rng`` — saved and restored through one path
+(``jobs.checkpointing.save_train_state`` / ``load_train_state``). On (re)start the trainer takes
+``ray.train.get_checkpoint()`` and restores every part, so a restarted run replays exactly the steps an
+uninterrupted one would have taken (same world size), or re-splits the data and rescales the lr by the resize
+policy (different world size).
+
+One optimizer step = ``accum_steps`` micro-batches of ``loader.batch_size`` clips on each of ``world_size``
+workers. Legend: ``B`` clips per worker per micro-batch, ``L`` tokens per clip; ``video [B, 3, T, H, W]``
+float32 (ImageNet normalised), ``mask [B, L]`` bool (True = masked).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from jobs import checkpointing as ckpt
+from jobs.metrics import MetricsLogger, StepTimer, device_peak_flops, mfu
+from jobs.optim import BatchPlan, SampleCosineSchedule, batch_plan, schedule_samples
+from jobs.train_config import ParallelConfig, TrainConfig
+from pipeline.loader import make_loader
+from pipeline.masking import ClipSpec
+
+UNITS = ("clips", "videos")
+
+
+class Task(Protocol):
+    """What a training task supplies to the :class:`Trainer`."""
+
+    cfg: TrainConfig
+    unit: str  # what the schedule and throughput count per sample: "clips" or "videos"
+
+    def clip_spec(self) -> ClipSpec:
+        """The clips the loader makes for this task (from the model config)."""
+
+    def build_model(self, *, resuming: bool) -> nn.Module:
+        """The plain model on CPU; ``resuming``: its weights will come from the run's own checkpoint."""
+
+    def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer: ...
+
+    def forward(
+        self, model: nn.Module, batch: dict[str, Any], device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro-batch (called under autocast) and statistics to sum over micro-batches and
+        average over ranks for :meth:`summarize`."""
+
+    def summarize(self, stats: dict[str, float]) -> dict[str, float]:
+        """Extra metrics of a logged step from the rank-averaged statistics."""
+
+    def flops_per_sample(self) -> float | None:
+        """Training FLOPs per counted sample, for MFU (``None``: not reported)."""
+
+    def on_log(self, step: int, log_dir: str, model: nn.Module) -> None:
+        """Rank 0, at a logged step: extra artefacts (e.g. a reconstruction PNG)."""
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``parallel.precision`` (``auto``: bf16 on GPU, none on CPU)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def wrap(model: nn.Module, p: ParallelConfig, device: torch.device) -> nn.Module:
+    """The model as each worker runs it: ``model.parallelize`` (compile / activation checkpointing / FSDP2)
+    when asked for, then DDP through Ray Train unless sharded."""
+    if p.strategy == "fsdp" or p.compile or p.activation_checkpointing:
+        from model.parallelize import parallelize
+
+        model = parallelize(
+            model.to(device),
+            fsdp=p.strategy == "fsdp",
+            compile=p.compile,
+            activation_checkpointing=p.activation_checkpointing,
+            param_dtype=autocast_dtype(p.precision, device) if p.strategy == "fsdp" else None,
+        )
+    if p.strategy == "ddp":
+        model = ray.train.torch.prepare_model(model)
+    return model
+
+
+def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def epochs(loader: Any) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Endless (epoch, batch) stream. The loader yields the rest of its current epoch from its cursor and
+    then moves itself to the next epoch, so a restored cursor is honoured."""
+    while True:
+        epoch = loader.epoch
+        for batch in loader:
+            yield epoch, batch
+
+
+def maybe_kill(cfg: TrainConfig, rank: int, step: int) -> None:
+    """Fault-injection hook (tests): SIGKILL this worker once, before the optimizer step ``step``."""
+    f = cfg.fault
+    if f.rank is None or f.rank != rank or f.step != step or f.marker is None or os.path.exists(f.marker):
+        return
+    with open(f.marker, "w") as fh:
+        fh.write(f"killed rank {rank} at step {step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    schedule: SampleCosineSchedule,
+    progress: ckpt.TrainProgress,
+    grad_clip: float | None,
+    global_batch: int,
+) -> tuple[float, float]:
+    """Clip, step, advance step/samples and the samples-keyed schedule. Returns (grad_norm, lr used)."""
+    grad_norm = float("nan")
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    lr = schedule.get_last_lr()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    progress.step += 1
+    progress.samples_seen += global_batch
+    schedule.step(progress.samples_seen)
+    return grad_norm, lr
+
+
+class Trainer:
+    """Builds every part of a run for ``task`` on this Ray Train worker, restores them from the run's latest
+    checkpoint if there is one, and trains (:meth:`fit`)."""
+
+    def __init__(self, task: Task, *, log_dir: str, export_url: str) -> None:
+        if task.unit not in UNITS:
+            raise ValueError(f"task.unit must be one of {UNITS}, got {task.unit!r}")
+        cfg = self.cfg = task.cfg
+        self.task, self.log_dir, self.export_url = task, log_dir, export_url
+        ctx = ray.train.get_context()
+        self.rank, self.world = rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.sharded = cfg.parallel.strategy == "fsdp"
+        per_worker = cfg.loader.batch_size if task.unit == "clips" else cfg.loader.videos_per_batch
+        self.plan: BatchPlan = batch_plan(cfg.optim, per_worker_batch=per_worker, world_size=world)
+        nominal = batch_plan(cfg.optim, per_worker_batch=per_worker, world_size=cfg.scaling.num_workers)
+
+        checkpoint = ray.train.get_checkpoint()
+        torch.manual_seed(cfg.seed)  # identical init on every rank (FSDP does not broadcast)
+        model = task.build_model(resuming=checkpoint is not None)
+        loader = make_loader(cfg.loader, task.clip_spec(), rank=rank, world_size=world)
+        self.warmup_samples, self.total_samples = schedule_samples(
+            cfg.schedule, dataset_size=loader.num_samples, nominal_global_batch=nominal.global_batch
+        )
+        model = wrap(model, cfg.parallel, self.device)
+        optimizer = task.build_optimizer(model, self.plan.peak_lr)
+        schedule = SampleCosineSchedule(
+            optimizer,
+            peak_lr=self.plan.peak_lr,
+            warmup_samples=self.warmup_samples,
+            total_samples=self.total_samples,
+            min_lr=cfg.schedule.min_lr,
+        )
+        self.amp_dtype = autocast_dtype(cfg.parallel.precision, self.device)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        ckpt.seed_everything(cfg.seed * 100_003 + rank)
+        self.state: dict[str, Any] = {
+            "model": model,
+            "optimizer": optimizer,
+            "schedule": schedule,
+            "scaler": scaler,
+            "progress": ckpt.TrainProgress(world_size=world),
+            "loader": loader,
+            "rng": ckpt.RNGState(),
+        }
+        if checkpoint is not None:
+            with checkpoint.as_directory() as cdir:
+                ckpt.load_train_state(
+                    cdir,
+                    self.state,
+                    rank=rank,
+                    world_size=world,
+                    sharded=self.sharded,
+                    reseed=lambda step: ckpt.seed_everything(cfg.seed * 100_003 + rank + 7919 * step),
+                )
+
+    # ---- one optimizer step ------------------------------------------------------------------------------
+    def _train_step(self, stream: Iterator[tuple[int, dict[str, Any]]], timer: StepTimer) -> dict[str, Any]:
+        """``accum_steps`` micro-batches, then the optimizer step; returns what the step measured."""
+        cfg, model, accum = self.cfg, self.state["model"], self.cfg.optim.accum_steps
+        timer.start()
+        model.train()
+        loss_sum, stats, epoch = 0.0, {}, 0
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            epoch, batch = next(stream)
+            timer.data(time.perf_counter() - t0)
+            last_micro = micro == accum - 1
+            no_sync = (
+                model.no_sync() if hasattr(model, "no_sync") and not last_micro else contextlib.nullcontext()
+            )
+            autocast = torch.autocast(
+                self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+            )
+            with no_sync, autocast:
+                loss, micro_stats = self.task.forward(model, batch, self.device)
+            self.state["scaler"].scale(loss / accum).backward()
+            loss_sum += float(loss.detach())
+            for k, v in micro_stats.items():
+                stats[k] = stats.get(k, 0.0) + float(v)
+        maybe_kill(cfg, self.rank, self.state["progress"].step + 1)
+        grad_norm, lr = optimizer_step(
+            model, self.state["optimizer"], self.state["scaler"], self.state["schedule"],
+            self.state["progress"], cfg.optim.grad_clip, self.plan.global_batch,
+        )  # fmt: skip
+        step_s, wait_frac = timer.stop()
+        return {"loss": loss_sum / accum, "stats": stats, "epoch": epoch, "lr": lr, "grad_norm": grad_norm,
+                "step_s": step_s, "wait_frac": wait_frac}  # fmt: skip
+
+    def _metrics(self, out: dict[str, Any], peak_total: float | None) -> dict[str, float]:
+        """Rank-averaged metrics of a logged step (collective: every rank calls it)."""
+        names = sorted(out["stats"])
+        loss, wait, *stats = mean_over_ranks(
+            [out["loss"], out["wait_frac"], *(out["stats"][k] for k in names)], self.device
+        )
+        progress, unit = self.state["progress"], self.task.unit
+        per_s = self.plan.global_batch / out["step_s"]
+        metrics = {"loss": loss, **self.task.summarize(dict(zip(names, stats, strict=True))), "lr": out["lr"],
+                   f"{unit}_per_s": per_s}  # fmt: skip
+        flops = self.task.flops_per_sample()
+        if flops is not None and peak_total is not None:
+            metrics["mfu"] = mfu(per_s, flops, peak_total)
+        metrics.update(
+            data_wait_frac=wait,
+            grad_norm=out["grad_norm"],
+            samples_seen=float(progress.samples_seen),
+            epoch=float(out["epoch"]),
+            world_size=float(self.world),
+            skipped=float(self.state["loader"].stats["skipped"]),
+            peak_mem_gb=torch.cuda.max_memory_allocated(self.device) / 1e9
+            if self.device.type == "cuda"
+            else 0.0,
+        )
+        return metrics
+
+    # ---- checkpoints and the exported model ---------------------------------------------------------------
+    def report_checkpoint(self, report: dict[str, Any]) -> None:
+        """Write this rank's part of the train state into a temporary folder and hand it to Ray Train."""
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt.save_train_state(tmp, self.state, rank=self.rank, sharded=self.sharded)
+            ray.train.report(
+                report,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=ckpt.checkpoint_dir_name(self.state["progress"].step),
+            )
+
+    def export(self) -> None:
+        """Rank 0 writes the finished model to ``export_url`` (``model.save_checkpoint``). Sharded (FSDP2)
+        weights are first gathered into a full CPU state dict, a collective every rank joins."""
+        from model.checkpoint import save_checkpoint
+
+        model = self.state["model"]
+        if not self.sharded:
+            if self.rank == 0:
+                save_checkpoint(ckpt.unwrap(model), self.export_url)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            plain = self.task.build_model(resuming=True)
+            plain.load_state_dict(full)
+            save_checkpoint(plain, self.export_url)
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        cfg, progress = self.cfg, self.state["progress"]
+        logger = MetricsLogger(self.log_dir, tensorboard=cfg.metrics.tensorboard) if self.rank == 0 else None
+        peak_total = None
+        if self.task.flops_per_sample() is not None:
+            peak = device_peak_flops(self.device, cfg.metrics.peak_flops_per_worker)
+            peak_total = mean_over_ranks([peak], self.device)[0] * self.world
+        stream, timer = epochs(self.state["loader"]), StepTimer()
+        stop_step = cfg.stop_at_step if cfg.stop_at_step is not None else float("inf")
+        preempt_saved = False
+        try:
+            while progress.samples_seen < self.total_samples and progress.step < stop_step:
+                out = self._train_step(stream, timer)
+                done = progress.samples_seen >= self.total_samples
+                save = (
+                    progress.step % cfg.checkpoint.every_steps == 0
+                    or (done and cfg.checkpoint.at_end)
+                    or progress.step >= stop_step
+                )
+                poll = cfg.failure.preemption_poll_steps
+                if poll and progress.step % poll == 0 and not preempt_saved:
+                    if ray.train.get_preemption_info() is not None:
+                        save = preempt_saved = True
+                if not (save or progress.step % cfg.metrics.log_every == 0 or done):
+                    continue
+                metrics = self._metrics(out, peak_total)
+                if logger is not None:
+                    logger.log(progress.step, metrics)
+                    if cfg.metrics.image_every and progress.step % cfg.metrics.image_every == 0:
+                        self.task.on_log(progress.step, logger.log_dir, ckpt.unwrap(self.state["model"]))
+                report = {"step": progress.step, **metrics}
+                if save:
+                    self.report_checkpoint(report)
+                else:
+                    ray.train.report(report)
+            if progress.samples_seen >= self.total_samples:
+                self.export()
+        finally:
+            if logger is not None:
+                logger.close()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: ``{"task": the task class, "cfg": its resolved config as a dict,
+    "log_dir": where rank 0 logs, "export_url": where rank 0 writes the finished model}``."""
+    from jobs.config import from_dict
+
+    task_cls = config["task"]
+    task = task_cls(from_dict(task_cls.config_class, config["cfg"]))
+    Trainer(task, log_dir=config["log_dir"], export_url=config["export_url"]).fit()
