@@ -33,12 +33,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def config_registry() -> dict[str, type]:
     """Config folder (``configs/<job>``) -> the config class its YAMLs load into, as each command module
-    declares it (``CONFIG_DIR``, ``CONFIG_CLASS``). Imports every command module."""
+    declares it (``CONFIG_DIR``, ``CONFIG_CLASS``; more folders in ``CONFIG_DIRS``). Imports every command
+    module."""
     out: dict[str, type] = {}
     for module_name, _ in COMMANDS.values():
         module = importlib.import_module(module_name)
         if hasattr(module, "CONFIG_DIR"):
             out[module.CONFIG_DIR] = module.CONFIG_CLASS
+        out.update(getattr(module, "CONFIG_DIRS", {}))
     return out
 
 

@@ -271,7 +271,8 @@ def _prepare_all(
 def _samples(
     listing: Listing, records: dict[str, dict], work_url: str, cfg: ShardJobConfig
 ) -> list[sh.ShardSample]:
-    """Accepted clips in key order, each with the metadata that becomes its ``{key}.json``."""
+    """Accepted clips in write order (``shards.order``), each with the metadata that becomes its
+    ``{key}.json``."""
     tc = cfg.transcode
     params = {"codec": "h264", "pix_fmt": "yuv420p", "short_side": tc.short_side, "fps": tc.fps, "gop": tc.gop,
               "crf": tc.crf, "preset": tc.preset, "max_clip_s": tc.max_clip_s}  # fmt: skip
@@ -291,7 +292,7 @@ def _samples(
                     key=clip["key"], mp4_url=url, mp4_size=clip["size"], meta=meta, label=item.label
                 )
             )
-    return sorted(out, key=lambda s: s.key)
+    return sorted(out, key=lambda s: cfg.shards.sort_key(s.key))
 
 
 def _write_all(

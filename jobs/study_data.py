@@ -7,7 +7,9 @@ data. Stages call the jobs' Python APIs (``synthesize``, ``shard``, ``run_curati
 the Ray instance the study started.
 
 A *target* is a labelled evaluation set: a subset rule (usually clean samples of some domains) whose keys are
-split per class into a probe-train and a probe-test subset (stratified, seeded, disjoint).
+split per class (or per domain and class) into a labelled-train and a test subset (stratified, seeded,
+disjoint): a fraction, or fixed counts per group. Pretraining subsets never hold a target's keys
+(``DataConfig.exclude_target_keys``), so no model is pretrained on the clips it is tested on.
 """
 
 from __future__ import annotations
@@ -52,13 +54,21 @@ class JobRef:
     overrides: tuple[str, ...] = ()
 
 
+STRATIFY = ("label", "domain")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TargetSpec:
-    """A labelled target set: ``rule`` picks its samples, ``test_fraction`` of each class is probe-test."""
+    """A labelled target set: ``rule`` picks its samples; per group of ``stratify`` columns, either
+    ``test_fraction`` of the group is test and the rest labelled-train, or (both counts set) the
+    ``test_per_group`` first by seeded rank are test and the next ``train_per_group`` labelled-train."""
 
     name: str
     rule: SubsetRule = dataclasses.field(default_factory=SubsetRule)
     test_fraction: float = 0.5
+    train_per_group: int | None = None
+    test_per_group: int | None = None
+    stratify: tuple[str, ...] = ("label",)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,6 +78,21 @@ class TargetSpec:
             raise ValueError(
                 f"target {self.name!r}: test_fraction must be in (0, 1), got {self.test_fraction}"
             )
+        if (self.train_per_group is None) != (self.test_per_group is None):
+            raise ValueError(
+                f"target {self.name!r}: give both train_per_group and test_per_group, or neither"
+            )
+        for n in (self.train_per_group, self.test_per_group):
+            if n is not None and n < 1:
+                raise ValueError(f"target {self.name!r}: per-group counts must be >= 1, got {n}")
+        if not self.stratify or "label" not in self.stratify or set(self.stratify) - set(STRATIFY):
+            raise ValueError(f"target {self.name!r}: stratify must include label, from {STRATIFY}")
+
+    @property
+    def split_dict(self) -> dict[str, Any]:
+        """What the split depends on besides the rule and the curation table."""
+        return {"test_fraction": self.test_fraction, "seed": self.seed, "train": self.train_per_group,
+                "test": self.test_per_group, "stratify": list(self.stratify)}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,6 +106,7 @@ class DataConfig:
     curate: JobRef = dataclasses.field(default_factory=lambda: JobRef(config="configs/curate/debug.yaml"))
     subsets: tuple[SubsetRule, ...] = (SubsetRule(name="all"),)
     targets: tuple[TargetSpec, ...] = (TargetSpec(name="all"),)
+    exclude_target_keys: bool = True  # pretraining subsets never hold a target's clips (or their near-copies)
 
     def __post_init__(self) -> None:
         if (self.synth is None) == (self.manifest is None):
@@ -118,6 +144,8 @@ class TargetInfo:
     test_size: int
     inputs_hash: str
     domains: tuple[str, ...]
+    num_classes: int = 0  # 1 + the largest label (what a classifier head needs)
+    chance: float = float("nan")  # 1 / the number of distinct test labels (balanced test set)
 
     def summary(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,13 +159,30 @@ class PreparedData:
     targets: dict[str, TargetInfo]
 
 
-def stratified_split(df: pd.DataFrame, test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Split rows (columns ``key``, ``label``) per label: the ``round(test_fraction * n)`` keys of smallest
-    seeded random rank go to test (at least one train and one test key per label with >= 2 samples)."""
+def stratified_split(
+    df: pd.DataFrame,
+    test_fraction: float,
+    seed: int,
+    *,
+    by: tuple[str, ...] = ("label",),
+    counts: tuple[int, int] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Split rows (columns ``key`` and ``by``) per group of ``by``: keys ordered by seeded random rank; the
+    first ``round(test_fraction * n)`` go to test (at least one train and one test key per group with >= 2
+    samples), or with ``counts = (train, test)`` the first ``test`` to test and the next ``train`` to train
+    (``ValueError`` naming a group with fewer than ``train + test`` samples)."""
     train, test = [], []
-    for _, g in df.groupby("label", sort=True):
+    for group, g in df.groupby(list(by), sort=True):
         keys = [k for _, k in sorted(zip(random_rank(g["key"], seed), g["key"], strict=True))]
         n = len(keys)
+        if counts is not None:
+            n_train, n_test = counts
+            if n < n_train + n_test:
+                raise ValueError(f"group {dict(zip(by, group if isinstance(group, tuple) else (group,), strict=True))} "
+                                 f"has {n} samples, fewer than {n_train} train + {n_test} test")  # fmt: skip
+            test += keys[:n_test]
+            train += keys[n_test : n_test + n_train]
+            continue
         n_test = min(max(int(round(test_fraction * n)), 1), n - 1) if n >= 2 else 0
         test += keys[:n_test]
         train += keys[n_test:]
@@ -164,8 +209,7 @@ def write_target_split(
     manifests (test first, train last). Returns ``(train keys, test keys, inputs hash)``; if both files
     already exist they are read, not rewritten."""
     raw = storage.read_bytes(curation_url)
-    ident = {"rule": spec.rule.to_dict(), "test_fraction": spec.test_fraction, "seed": spec.seed,
-             "curation": hashlib.sha256(raw).hexdigest()}  # fmt: skip
+    ident = {"rule": spec.rule.to_dict(), **spec.split_dict, "curation": hashlib.sha256(raw).hexdigest()}
     h = digest(ident)
     if storage.exists(train_url) and storage.exists(test_url):
         return list(mf.read_subset(train_url).keys), list(mf.read_subset(test_url).keys), h
@@ -175,7 +219,11 @@ def write_target_split(
     chosen = df[df["key"].isin(set(select(df, spec.rule)))]
     if chosen["label"].isna().any():
         raise ValueError(f"target {spec.name!r}: {int(chosen['label'].isna().sum())} samples have no label")
-    train, test = stratified_split(chosen, spec.test_fraction, spec.seed)
+    counts = None if spec.train_per_group is None else (spec.train_per_group, spec.test_per_group)
+    try:
+        train, test = stratified_split(chosen, spec.test_fraction, spec.seed, by=spec.stratify, counts=counts)
+    except ValueError as e:
+        raise ValueError(f"target {spec.name!r}: {e}") from e
     if not train or not test:
         raise ValueError(f"target {spec.name!r}: {len(chosen)} samples are too few to split into "
                          "probe-train and probe-test")  # fmt: skip
@@ -227,23 +275,35 @@ def prepare_data(cfg: DataConfig, root: str) -> PreparedData:
     table = mf.read_table(curation_url)
     df = table.to_pandas()
 
-    subsets = {}
-    for rule in cfg.subsets:
-        url = storage.join(
-            shards, "subsets", f"{rule.name}-{digest([cur_hash, rule.to_dict()])[:12]}.parquet"
-        )
-        sub = mf.read_subset(url) if storage.exists(url) else make_subset(curation_url, rule, url)
-        subsets[rule.name] = _subset_info(rule.name, url, df, list(sub.keys), sub.inputs_hash)
-
-    targets = {}
+    targets, held_out = {}, set()
     for t in cfg.targets:
-        h = digest([cur_hash, t.rule.to_dict(), t.test_fraction, t.seed])[:12]
+        h = digest([cur_hash, t.rule.to_dict(), t.split_dict])[:12]
         train_url = storage.join(shards, "targets", f"{t.name}-train-{h}.parquet")
         test_url = storage.join(shards, "targets", f"{t.name}-test-{h}.parquet")
         train, test, h = write_target_split(curation_url, t, train_url, test_url)
-        domains = tuple(sorted(df[df["key"].isin(set(train + test))]["domain"].astype(str).unique()))
+        held_out.update(train, test)
+        rows = df[df["key"].isin(set(train + test))]
+        domains = tuple(sorted(rows["domain"].astype(str).unique()))
+        test_labels = df[df["key"].isin(set(test))]["label"]
         targets[t.name] = TargetInfo(name=t.name, train_url=train_url, test_url=test_url, train_size=len(train),
-                                     test_size=len(test), inputs_hash=h, domains=domains)  # fmt: skip
+                                     test_size=len(test), inputs_hash=h, domains=domains,
+                                     num_classes=int(rows["label"].max()) + 1,
+                                     chance=1.0 / max(int(test_labels.nunique()), 1))  # fmt: skip
+
+    if held_out and "dup_group" in df.columns:  # a held-out clip's near-duplicates are held out with it
+        groups = set(df[df["key"].isin(held_out)]["dup_group"])
+        held_out |= set(df[df["dup_group"].isin(groups)]["key"])
+    exclude = frozenset(held_out) if cfg.exclude_target_keys else frozenset()
+    subsets = {}
+    for rule in cfg.subsets:
+        ident = [cur_hash, rule.to_dict()] + ([sorted(exclude)] if exclude else [])
+        url = storage.join(shards, "subsets", f"{rule.name}-{digest(ident)[:12]}.parquet")
+        if storage.exists(url):
+            sub = mf.read_subset(url)
+        else:
+            sub = make_subset(curation_url, rule, url, exclude_keys=exclude)
+        subsets[rule.name] = _subset_info(rule.name, url, df, list(sub.keys), sub.inputs_hash)
+
     return PreparedData(
         manifest_url=manifest_url, curation_url=curation_url, subsets=subsets, targets=targets
     )

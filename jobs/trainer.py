@@ -7,6 +7,13 @@ videos). Everything else lives here once: the data stream, autocast and DDP/FSDP
 accumulation, the samples-keyed schedule and resize policy (``jobs.optim``), the fault hook, metrics, the
 checkpoint report, exact resume and the exported model at the end.
 
+Where it runs: a :class:`Session` tells the trainer its rank, world size and device, hands it the run's latest
+checkpoint and takes its reports. :class:`RayTrainSession` is Ray Train's (``vmae pretrain`` / ``vmae
+finetune``: elastic, fault tolerant, multi-node); :class:`LocalSession` runs the same loop in one process
+(any Ray task or actor, or none) with checkpoints written straight to the run directory — for the many small
+single-worker runs of a study, which would otherwise pay Ray Train's start-up (~15 s per run on a 2-core box)
+each time.
+
 State: ``Trainer.state`` is the one dict of state-holding parts — ``model``, ``optimizer``, ``schedule``,
 ``scaler``, ``progress``, ``loader``, ``rng`` — saved and restored through one path
 (``jobs.checkpointing.save_train_state`` / ``load_train_state``). On (re)start the trainer takes
@@ -43,6 +50,117 @@ from pipeline.loader import make_loader
 from pipeline.masking import ClipSpec
 
 UNITS = ("clips", "videos")
+
+
+class Session(Protocol):
+    """Where a :class:`Trainer` runs."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
+        """Context manager yielding a local directory of the run's latest checkpoint, or None."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
+        """Hand over a logged step's metrics and, when given, the folder holding this rank's train state."""
+
+    def preempted(self) -> bool:
+        """Whether the node is about to be reclaimed (save a checkpoint now)."""
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """The data-parallel wrapper of this session (DDP under Ray Train)."""
+
+
+class RayTrainSession:
+    """The trainer inside a Ray Train worker: rank, world and device from Ray Train's context, checkpoints
+    through ``ray.train.report`` (Ray Train keeps the last ``num_to_keep`` in the run directory)."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    @contextlib.contextmanager
+    def checkpoint(self) -> Iterator[str | None]:
+        ckpt_ = ray.train.get_checkpoint()
+        if ckpt_ is None:
+            yield None
+            return
+        with ckpt_.as_directory() as cdir:
+            yield cdir
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+            checkpoint_dir_name=ckpt.checkpoint_dir_name(step),
+        )
+
+    def preempted(self) -> bool:
+        return ray.train.get_preemption_info() is not None
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return ray.train.torch.prepare_model(model)
+
+
+class LocalSession:
+    """The trainer in this process alone (rank 0 of 1): the latest ``step_*`` checkpoint of ``run_url`` (local
+    or remote) is its resume point; a reported checkpoint is copied to ``run_url/step_*`` complete before its
+    ``trainer.pt`` marks it, then older ones beyond ``num_to_keep`` are deleted — the layout Ray Train writes,
+    so a run started one way resumes the other way. ``device``: "cuda" when available unless given."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, run_url: str, *, num_to_keep: int | None = None, device: str | None = None) -> None:
+        self.run_url, self.num_to_keep = run_url, num_to_keep
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @contextlib.contextmanager
+    def checkpoint(self) -> Iterator[str | None]:
+        from pipeline import storage
+
+        url = ckpt.latest_checkpoint_dir(self.run_url)
+        if url is None:
+            yield None
+        elif storage.protocol(url) == "file":
+            yield storage.get_fs(url)[1]
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                fs, path = storage.get_fs(url)
+                fs.get(path + "/", tmp + "/", recursive=True)
+                yield tmp
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
+        if checkpoint_dir is None:
+            return
+        from pipeline import storage
+
+        url = storage.join(self.run_url, ckpt.checkpoint_dir_name(step))
+        fs, path = storage.get_fs(url)
+        names = sorted(os.listdir(checkpoint_dir), key=lambda n: n == ckpt.TRAINER_FILE)  # trainer.pt last
+        for name in names:
+            src = os.path.join(checkpoint_dir, name)
+            if os.path.isdir(src):
+                fs.put(src + "/", f"{path}/{name}/", recursive=True)
+            else:
+                storage.upload_file_atomic(src, storage.join(url, name))
+        if self.num_to_keep is not None:
+            run_fs, run_path = storage.get_fs(self.run_url)
+            steps = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in run_fs.ls(run_path, detail=False)
+                           if e.rstrip("/").rsplit("/", 1)[-1].startswith("step_"))  # fmt: skip
+            for old in steps[: max(0, len(steps) - self.num_to_keep)]:
+                run_fs.rm(f"{run_path}/{old}", recursive=True)
+
+    def preempted(self) -> bool:
+        return False
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
 
 
 class Task(Protocol):
@@ -82,9 +200,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-def wrap(model: nn.Module, p: ParallelConfig, device: torch.device) -> nn.Module:
+def wrap(model: nn.Module, p: ParallelConfig, session: Session) -> nn.Module:
     """The model as each worker runs it: ``model.parallelize`` (compile / activation checkpointing / FSDP2)
-    when asked for, then DDP through Ray Train unless sharded."""
+    when asked for, then the session's data-parallel wrapper (DDP under Ray Train) unless sharded."""
+    device = session.device
     if p.strategy == "fsdp" or p.compile or p.activation_checkpointing:
         from model.parallelize import parallelize
 
@@ -96,7 +215,7 @@ def wrap(model: nn.Module, p: ParallelConfig, device: torch.device) -> nn.Module
             param_dtype=autocast_dtype(p.precision, device) if p.strategy == "fsdp" else None,
         )
     if p.strategy == "ddp":
-        model = ray.train.torch.prepare_model(model)
+        model = session.prepare(model)
     return model
 
 
@@ -152,52 +271,52 @@ def optimizer_step(
 
 
 class Trainer:
-    """Builds every part of a run for ``task`` on this Ray Train worker, restores them from the run's latest
-    checkpoint if there is one, and trains (:meth:`fit`)."""
+    """Builds every part of a run for ``task`` in ``session`` (default: this Ray Train worker), restores them
+    from the run's latest checkpoint if there is one, and trains (:meth:`fit`)."""
 
-    def __init__(self, task: Task, *, log_dir: str, export_url: str) -> None:
+    def __init__(self, task: Task, *, log_dir: str, export_url: str, session: Session | None = None) -> None:
         if task.unit not in UNITS:
             raise ValueError(f"task.unit must be one of {UNITS}, got {task.unit!r}")
+        self.started = time.perf_counter()
         cfg = self.cfg = task.cfg
         self.task, self.log_dir, self.export_url = task, log_dir, export_url
-        ctx = ray.train.get_context()
-        self.rank, self.world = rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.session = session = session if session is not None else RayTrainSession()
+        self.rank, self.world = rank, world = session.rank, session.world_size
+        self.device = session.device
         self.sharded = cfg.parallel.strategy == "fsdp"
         per_worker = cfg.loader.batch_size if task.unit == "clips" else cfg.loader.videos_per_batch
         self.plan: BatchPlan = batch_plan(cfg.optim, per_worker_batch=per_worker, world_size=world)
         nominal = batch_plan(cfg.optim, per_worker_batch=per_worker, world_size=cfg.scaling.num_workers)
 
-        checkpoint = ray.train.get_checkpoint()
-        torch.manual_seed(cfg.seed)  # identical init on every rank (FSDP does not broadcast)
-        model = task.build_model(resuming=checkpoint is not None)
-        loader = make_loader(cfg.loader, task.clip_spec(), rank=rank, world_size=world)
-        self.warmup_samples, self.total_samples = schedule_samples(
-            cfg.schedule, dataset_size=loader.num_samples, nominal_global_batch=nominal.global_batch
-        )
-        model = wrap(model, cfg.parallel, self.device)
-        optimizer = task.build_optimizer(model, self.plan.peak_lr)
-        schedule = SampleCosineSchedule(
-            optimizer,
-            peak_lr=self.plan.peak_lr,
-            warmup_samples=self.warmup_samples,
-            total_samples=self.total_samples,
-            min_lr=cfg.schedule.min_lr,
-        )
-        self.amp_dtype = autocast_dtype(cfg.parallel.precision, self.device)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        ckpt.seed_everything(cfg.seed * 100_003 + rank)
-        self.state: dict[str, Any] = {
-            "model": model,
-            "optimizer": optimizer,
-            "schedule": schedule,
-            "scaler": scaler,
-            "progress": ckpt.TrainProgress(world_size=world),
-            "loader": loader,
-            "rng": ckpt.RNGState(),
-        }
-        if checkpoint is not None:
-            with checkpoint.as_directory() as cdir:
+        with session.checkpoint() as cdir:
+            torch.manual_seed(cfg.seed)  # identical init on every rank (FSDP does not broadcast)
+            model = task.build_model(resuming=cdir is not None)
+            loader = make_loader(cfg.loader, task.clip_spec(), rank=rank, world_size=world)
+            self.warmup_samples, self.total_samples = schedule_samples(
+                cfg.schedule, dataset_size=loader.num_samples, nominal_global_batch=nominal.global_batch
+            )
+            model = wrap(model, cfg.parallel, session)
+            optimizer = task.build_optimizer(model, self.plan.peak_lr)
+            schedule = SampleCosineSchedule(
+                optimizer,
+                peak_lr=self.plan.peak_lr,
+                warmup_samples=self.warmup_samples,
+                total_samples=self.total_samples,
+                min_lr=cfg.schedule.min_lr,
+            )
+            self.amp_dtype = autocast_dtype(cfg.parallel.precision, self.device)
+            scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+            ckpt.seed_everything(cfg.seed * 100_003 + rank)
+            self.state: dict[str, Any] = {
+                "model": model,
+                "optimizer": optimizer,
+                "schedule": schedule,
+                "scaler": scaler,
+                "progress": ckpt.TrainProgress(world_size=world),
+                "loader": loader,
+                "rng": ckpt.RNGState(),
+            }
+            if cdir is not None:
                 ckpt.load_train_state(
                     cdir,
                     self.state,
@@ -254,6 +373,7 @@ class Trainer:
         if flops is not None and peak_total is not None:
             metrics["mfu"] = mfu(per_s, flops, peak_total)
         metrics.update(
+            elapsed_s=time.perf_counter() - self.started,  # since the trainer was built (Ray's start-up is not in it)
             data_wait_frac=wait,
             grad_norm=out["grad_norm"],
             samples_seen=float(progress.samples_seen),
@@ -268,14 +388,10 @@ class Trainer:
 
     # ---- checkpoints and the exported model ---------------------------------------------------------------
     def report_checkpoint(self, report: dict[str, Any]) -> None:
-        """Write this rank's part of the train state into a temporary folder and hand it to Ray Train."""
+        """Write this rank's part of the train state into a temporary folder and hand it to the session."""
         with tempfile.TemporaryDirectory() as tmp:
             ckpt.save_train_state(tmp, self.state, rank=self.rank, sharded=self.sharded)
-            ray.train.report(
-                report,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=ckpt.checkpoint_dir_name(self.state["progress"].step),
-            )
+            self.session.report(report, tmp, self.state["progress"].step)
 
     def export(self) -> None:
         """Rank 0 writes the finished model to ``export_url`` (``model.save_checkpoint``). Sharded (FSDP2)
@@ -316,9 +432,8 @@ class Trainer:
                     or progress.step >= stop_step
                 )
                 poll = cfg.failure.preemption_poll_steps
-                if poll and progress.step % poll == 0 and not preempt_saved:
-                    if ray.train.get_preemption_info() is not None:
-                        save = preempt_saved = True
+                if poll and progress.step % poll == 0 and not preempt_saved and self.session.preempted():
+                    save = preempt_saved = True
                 if not (save or progress.step % cfg.metrics.log_every == 0 or done):
                     continue
                 metrics = self._metrics(out, peak_total)
@@ -330,12 +445,22 @@ class Trainer:
                 if save:
                     self.report_checkpoint(report)
                 else:
-                    ray.train.report(report)
+                    self.session.report(report, None, progress.step)
             if progress.samples_seen >= self.total_samples:
                 self.export()
         finally:
             if logger is not None:
                 logger.close()
+
+
+def run_local(task: Task, *, run_url: str, log_dir: str, export_url: str, device: str | None = None) -> None:
+    """Run ``task`` to its end (or ``stop_at_step``) in this process with a :class:`LocalSession` on
+    ``run_url``, resuming from its latest checkpoint. The resolved config is saved in the run directory."""
+    from jobs.config import save_config
+
+    save_config(task.cfg, run_url)
+    session = LocalSession(run_url, num_to_keep=task.cfg.checkpoint.num_to_keep, device=device)
+    Trainer(task, log_dir=log_dir, export_url=export_url, session=session).fit()
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -21,7 +21,6 @@ from model.config import VideoMAEConfig
 from model.layers import LN_EPS, PatchEmbed, make_blocks, sinusoid_table
 from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-NORM_EPS = 1e-6  # per-tubelet target normalisation: (x - mean) / (std_unbiased + 1e-6), as the official code
 
 
 def patchify(video_BCTHW: torch.Tensor, *, patch_size: int, tubelet_size: int) -> torch.Tensor:
@@ -195,7 +194,7 @@ class VideoMAE(nn.Module):
         if self.cfg.norm_pix_loss:
             mean = x_BLKC.mean(dim=-2, keepdim=True)
             std = x_BLKC.var(dim=-2, unbiased=True, keepdim=True).sqrt()
-            x_BLKC = (x_BLKC - mean) / (std + NORM_EPS)
+            x_BLKC = (x_BLKC - mean) / (std + self.cfg.norm_pix_eps)  # official: eps 1e-6
         return x_BLKC.flatten(-2)
 
     # ---- masking -----------------------------------------------------------------------------------------
@@ -286,7 +285,7 @@ class VideoMAE(nn.Module):
         pred_BMKC = pred_BMP.float().unflatten(-1, (-1, C))
         if self.cfg.norm_pix_loss:
             mean_BLC = x_BLKC.mean(dim=-2)
-            std_BLC = x_BLKC.var(dim=-2, unbiased=True).sqrt() + NORM_EPS
+            std_BLC = x_BLKC.var(dim=-2, unbiased=True).sqrt() + self.cfg.norm_pix_eps
             if oracle_stats:
                 mean_BMC, std_BMC = _gather_tokens(mean_BLC, masked_BM), _gather_tokens(std_BLC, masked_BM)
             else:

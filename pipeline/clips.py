@@ -8,6 +8,10 @@ run produce bit-identical clips.
 Repeated sampling (VideoMAE V2): the frames are decoded once; each of the ``num_sample`` clips gets its own
 crop, flip and mask.
 
+Decoded-clip cache (``loader.cache``): a sample can also come :class:`Decoded` — every frame of its video,
+decoded once and kept by the loader — and its clips are then cut from memory. The frames a clip takes are
+the same either way (decoding is deterministic), so cached and uncached clips are bit-identical.
+
 What a clip is (frames, size, tubelets, mask) comes from the model config as a
 :class:`pipeline.masking.ClipSpec`; how it is sampled and augmented (stride, repeats, flip, crop scales) from the
 :class:`pipeline.loader.LoaderConfig`.
@@ -18,13 +22,15 @@ Legend: ``R`` = num_sample, ``C`` = 3, ``T`` = num_frames, ``S`` = input_size,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
-from pipeline.decode import BadSample, parse_label, read_clip_frames
+from pipeline.decode import BadSample, check_length, parse_label, read_clip_frames
 from pipeline.masking import ClipSpec, clip_masks
 from pipeline.transforms import apply_crop, sample_crop
 
@@ -64,21 +70,52 @@ def sample_frame_indices(
     return out
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Decoded:
+    """A sample decoded once (the loader's cache): every frame of its video, uint8 ``[N, H, W, 3]``, and its
+    label — or the :class:`BadSample` that says why it cannot become a clip (a verdict on the data itself)."""
+
+    frames: np.ndarray | None
+    label: int = -1
+    error: BadSample | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.frames is None else int(self.frames.nbytes)
+
+
+def decode_sample(key: str, sample: dict[str, Any]) -> Decoded:
+    """Every frame and the label of a shard sample (decord, PyAV fallback), or the reason it is unusable."""
+    try:
+        if "mp4" not in sample:
+            raise BadSample(key, "no .mp4 member")
+        label = parse_label(sample)
+        frames, _, _ = read_clip_frames(sample["mp4"], lambda n: range(n), key=key)
+    except BadSample as e:
+        return Decoded(frames=None, error=e)
+    return Decoded(frames=frames, label=label)
+
+
 def make_clips(
-    data: bytes, key: str, spec: ClipSpec, cfg: LoaderConfig, *, seed: int, epoch: int
+    source: bytes | np.ndarray, key: str, spec: ClipSpec, cfg: LoaderConfig, *, seed: int, epoch: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode ``data`` (an MP4) once and cut ``cfg.num_sample`` clips of ``spec`` from it.
+    """Cut ``cfg.num_sample`` clips of ``spec`` from one video: ``source`` is its MP4 bytes (decoded once,
+    only the frames the clip needs) or all of its decoded frames (uint8 ``[N, H, W, 3]``, the cache).
 
     Returns ``(video_RCTSS float32, mask_RL bool)``. Raises :class:`pipeline.decode.BadSample` for
     undecodable or too-short videos.
     """
     g_time = sample_generator(seed, epoch, key, "time")
-    frames_THWC, _, _ = read_clip_frames(
-        data,
-        lambda n: sample_frame_indices(n, spec.num_frames, cfg.sampling_rate, g_time),
-        key=key,
-        min_frames=cfg.min_frames,
-    )
+    if isinstance(source, np.ndarray):
+        check_length(key, len(source), cfg.min_frames)
+        frames_THWC = source[sample_frame_indices(len(source), spec.num_frames, cfg.sampling_rate, g_time)]
+    else:
+        frames_THWC, _, _ = read_clip_frames(
+            source,
+            lambda n: sample_frame_indices(n, spec.num_frames, cfg.sampling_rate, g_time),
+            key=key,
+            min_frames=cfg.min_frames,
+        )
     frames_TCHW = torch.from_numpy(frames_THWC).permute(0, 3, 1, 2)
     height, width = frames_TCHW.shape[-2:]
     clips, mask_gens = [], []
@@ -93,7 +130,7 @@ def make_clips(
 
 
 def collate_clips(
-    group: Sequence[tuple[str, dict[str, Any] | BadSample]],
+    group: Sequence[tuple[str, dict[str, Any] | Decoded | BadSample]],
     spec: ClipSpec,
     cfg: LoaderConfig,
     *,
@@ -101,8 +138,8 @@ def collate_clips(
     epoch: int,
     pad_id: str,
 ) -> dict[str, Any]:
-    """``V`` shard samples -> one batch of ``B = V * R`` clips (keys: ``video, mask, label, valid, key,
-    skipped``).
+    """``V`` shard samples (or their :class:`Decoded` frames) -> one batch of ``B = V * R`` clips (keys:
+    ``video, mask, label, valid, key, skipped``).
 
     A bad sample never stops training: its slots are refilled with copies of the batch's good clips (or,
     if none, zeros with a fresh mask drawn from ``pad_id``) marked ``valid`` False, so every batch has the
@@ -114,10 +151,15 @@ def collate_clips(
         try:
             if isinstance(sample, Exception):
                 raise sample
-            if "mp4" not in sample:
-                raise BadSample(key, "no .mp4 member")
-            label = parse_label(sample)
-            v, m = make_clips(sample["mp4"], key, spec, cfg, seed=seed, epoch=epoch)
+            if isinstance(sample, Decoded):
+                if sample.error is not None:
+                    raise sample.error
+                label, source = sample.label, sample.frames
+            else:
+                if "mp4" not in sample:
+                    raise BadSample(key, "no .mp4 member")
+                label, source = parse_label(sample), sample["mp4"]
+            v, m = make_clips(source, key, spec, cfg, seed=seed, epoch=epoch)
         except Exception as e:  # noqa: BLE001 - a bad sample is counted, never fatal
             skipped.append((key, e.reason if isinstance(e, BadSample) else f"{type(e).__name__}: {e}"))
             v, m, label = None, None, -1

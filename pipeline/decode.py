@@ -61,6 +61,12 @@ def _pyav_frames(data: bytes, choose: Callable[[int], Sequence[int]]) -> tuple[n
     return np.stack([frames[i] for i in indices]), indices
 
 
+def check_length(key: str, n: int, min_frames: int) -> None:
+    """:class:`BadSample` when a video of ``n`` frames is shorter than ``min_frames`` (at least 1)."""
+    if n < max(1, min_frames):
+        raise BadSample(key, f"too short: {n} frame(s) < min_frames={min_frames}")
+
+
 def read_clip_frames(
     data: bytes, choose: Callable[[int], Sequence[int]], *, key: str = "?", min_frames: int = 1
 ) -> tuple[np.ndarray, list[int], str]:
@@ -73,8 +79,7 @@ def read_clip_frames(
         raise BadSample(key, "empty video")
 
     def checked(n: int) -> Sequence[int]:
-        if n < max(1, min_frames):
-            raise BadSample(key, f"too short: {n} frame(s) < min_frames={min_frames}")
+        check_length(key, n, min_frames)
         return choose(n)
 
     try:

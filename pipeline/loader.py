@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import manifest as mf
 from pipeline import storage
-from pipeline.clips import collate_clips
+from pipeline.clips import Decoded, collate_clips, decode_sample
 from pipeline.decode import stream_in_order
 from pipeline.masking import ClipSpec
 from pipeline.storage import StorageConfig
@@ -78,11 +78,21 @@ class LoaderConfig:
     scales: tuple[float, ...] = VIDEOMAE_SCALES
     min_frames: int = 1
     remainder: str = "drop"  # one of REMAINDER
+    cache: bool = False  # keep every decoded video in memory after its first decode (small sets)
+    cache_max_mb: int = 4096  # the cache stops growing here (later samples are decoded each epoch)
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
         if not self.manifest:
             raise ValueError("manifest must name a shard set's manifest.json (or its folder)")
+        if self.cache and self.num_workers:
+            raise ValueError(
+                "loader.cache keeps decoded videos in the training process, so it needs loader.num_workers=0 "
+                f"(got {self.num_workers}): DataLoader worker processes are re-created every epoch and "
+                "would lose it"
+            )
+        if self.cache_max_mb < 1:
+            raise ValueError(f"loader.cache_max_mb must be >= 1, got {self.cache_max_mb}")
         for name, low in (
             ("sampling_rate", 1),
             ("num_sample", 1),
@@ -269,15 +279,10 @@ class _ClipStream(IterableDataset):
         cfg: LoaderConfig,
         spec: ClipSpec,
         epoch: int,
+        cache: DecodedCache | None = None,
     ):
-        self.urls, self.plans, self.cursor, self.cfg, self.spec, self.epoch = (
-            urls,
-            plans,
-            cursor,
-            cfg,
-            spec,
-            epoch,
-        )
+        self.urls, self.plans, self.cursor, self.cfg = urls, plans, cursor, cfg
+        self.spec, self.epoch, self.cache = spec, epoch, cache
 
     def __iter__(self):
         info = get_worker_info()
@@ -292,7 +297,7 @@ class _ClipStream(IterableDataset):
         cfg, spec = self.cfg, self.spec
         order = plan.order[skip * cfg.videos_per_batch :]
         group, batch_no = [], skip
-        for item in stream_in_order(self.urls, plan.inputs, order, cfg=cfg.storage):
+        for item in self._samples(plan.inputs, order):
             group.append(item)
             if len(group) == cfg.videos_per_batch:
                 index = own + batch_no * k
@@ -300,6 +305,47 @@ class _ClipStream(IterableDataset):
                 yield {**batch, "index": index}
                 group, batch_no = [], batch_no + 1
         assert not group, "worker blocks hold whole batches"
+
+    def _samples(self, inputs: list[tuple[int, str]], order: list[str]):
+        """``(key, sample)`` in ``order``: from the decoded cache when there, else streamed from the shards
+        (and, with the cache on, decoded whole and kept for the next epochs)."""
+        cfg, cache = self.cfg, self.cache
+        if cache is None:
+            yield from stream_in_order(self.urls, inputs, order, cfg=cfg.storage)
+            return
+        have = {k for k in order if k in cache}  # fixed now: a key repeated later still streams in order
+        stream = stream_in_order(self.urls, [i for i in inputs if i[1] not in have],
+                                 [k for k in order if k not in have], cfg=cfg.storage)  # fmt: skip
+        for key in order:
+            if key in have:
+                yield key, cache[key]
+                continue
+            got, sample = next(stream)
+            if got != key:  # invariant of stream_in_order
+                raise RuntimeError(f"loader cache: expected sample {key!r}, the shards gave {got!r}")
+            if not isinstance(sample, Exception):  # a sample its shard did not deliver is not a verdict
+                sample = decode_sample(key, sample)
+                cache.add(key, sample)
+            yield key, sample
+
+
+class DecodedCache(dict):
+    """key -> :class:`pipeline.clips.Decoded`, bounded by ``max_bytes`` of frames: past it, new samples are
+    not kept (they are decoded again each epoch) and one warning says so."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__()
+        self.max_bytes, self.nbytes, self.full = max_bytes, 0, False
+
+    def add(self, key: str, value: Decoded) -> None:
+        if self.nbytes + value.nbytes > self.max_bytes:
+            if not self.full:
+                log.warning("loader cache holds %.0f MB (cache_max_mb): later samples are decoded each epoch",
+                            self.nbytes / 2**20)  # fmt: skip
+            self.full = True
+            return
+        self[key] = value
+        self.nbytes += value.nbytes
 
 
 def _worker_init(_: int) -> None:
@@ -335,6 +381,7 @@ class ClipLoader:
         self.shards = load_shards(cfg) if shards is None else shards
         self.num_samples = sum(len(s.keys) for s in self.shards)
         self.epoch, self.cursor = 0, 0
+        self.cache = DecodedCache(cfg.cache_max_mb * 2**20) if cfg.cache else None
         self._history: list[tuple[Layout, int]] = []
         self._cache: tuple[Any, tuple[int, list[list[WorkerPlan]]]] | None = None
         self.stats: dict[str, Any] = {
@@ -397,6 +444,7 @@ class ClipLoader:
                 cfg=cfg,
                 spec=self.spec,
                 epoch=self.epoch,
+                cache=self.cache,
             )
             extra = (
                 {"prefetch_factor": cfg.prefetch_factor, "multiprocessing_context": cfg.mp_context}

@@ -33,14 +33,24 @@ _TAR_END = 2 * _TAR_BLOCK  # two zero blocks close an archive
 _TAR_RECORD = tarfile.RECORDSIZE  # the archive is padded to a whole record (10240 bytes)
 
 
+SHARD_ORDERS = ("shuffled", "key")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ShardConfig:
-    """How samples are packed. A shard closes before it would exceed ``max_bytes`` or ``max_samples``."""
+    """How samples are packed. A shard closes before it would exceed ``max_bytes`` or ``max_samples``.
+
+    ``order``: ``shuffled`` writes samples in a seeded pseudo-random order (by a hash of ``seed`` and the key:
+    deterministic, so reruns stay byte-identical), so every shard mixes classes and sources; ``key`` keeps
+    them sorted by key. A bucket laid out by class folder sharded in key order gives class-pure shards, and
+    a streaming loader's bounded shuffle buffer then yields class-pure batches."""
 
     prefix: str = "shard"
     max_bytes: int = 256 * 2**20
     max_samples: int = 0  # 0: no count limit
     mtime: int = 0  # tar member mtime (s): fixed -> identical bytes on rerun; int, as floats add PAX headers
+    order: str = "shuffled"  # "shuffled" (seeded hash of the key) or "key"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if not self.prefix or any(c in self.prefix for c in "/.\\ "):
@@ -53,6 +63,12 @@ class ShardConfig:
             raise ValueError(f"shards.max_samples must be >= 0 (0: unlimited), got {self.max_samples}")
         if not isinstance(self.mtime, int) or self.mtime < 0:
             raise ValueError(f"shards.mtime must be an integer >= 0 (seconds), got {self.mtime!r}")
+        if self.order not in SHARD_ORDERS:
+            raise ValueError(f"shards.order must be one of {SHARD_ORDERS}, got {self.order!r}")
+
+    def sort_key(self, key: str) -> str | bytes:
+        """Where sample ``key`` goes in the write order."""
+        return key if self.order == "key" else hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
 
 
 def params_hash(cfg: TranscodeConfig) -> str:

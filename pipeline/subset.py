@@ -77,13 +77,16 @@ def random_rank(keys: pd.Series, seed: int) -> pd.Series:
     return pd.Series(np.array(ranks, np.uint64), index=keys.index)
 
 
-def select(curation: pd.DataFrame, rule: SubsetRule) -> list[str]:
-    """Keys ``rule`` selects from a curation table (``curation.parquet`` as a DataFrame), in table order."""
+def select(curation: pd.DataFrame, rule: SubsetRule, exclude_keys: frozenset[str] = frozenset()) -> list[str]:
+    """Keys ``rule`` selects from a curation table (``curation.parquet`` as a DataFrame), in table order;
+    ``exclude_keys`` are never selected (e.g. a study's labelled evaluation clips)."""
     need = {"key", "domain", "quality_score", "error", "dup_group", *FLAGS.values()}
     missing = sorted(need - set(curation.columns))
     if missing:
         raise ValueError(f"curation table lacks column(s) {missing}; is it a vmae curation.parquet?")
     df = curation[curation["error"].fillna("") == ""]
+    if exclude_keys:
+        df = df[~df["key"].isin(exclude_keys)]
     if rule.include_domains:
         df = df[df["domain"].isin(rule.include_domains)]
     if rule.exclude_domains:
@@ -110,18 +113,28 @@ def select(curation: pd.DataFrame, rule: SubsetRule) -> list[str]:
     return df["key"].tolist()
 
 
-def inputs_hash(curation_bytes: bytes, rule: SubsetRule) -> str:
-    """sha256 of the curation table's bytes followed by the rule as sorted JSON: equal hash, equal subset."""
-    return hashlib.sha256(curation_bytes + json.dumps(rule.to_dict(), sort_keys=True).encode()).hexdigest()
+def inputs_hash(curation_bytes: bytes, rule: SubsetRule, exclude_keys: frozenset[str] = frozenset()) -> str:
+    """sha256 of the curation table's bytes, the rule as sorted JSON and the excluded keys (if any): equal
+    hash, equal subset."""
+    blob = curation_bytes + json.dumps(rule.to_dict(), sort_keys=True).encode()
+    if exclude_keys:
+        blob += b"\x00exclude\x00" + "\x1f".join(sorted(exclude_keys)).encode()
+    return hashlib.sha256(blob).hexdigest()
 
 
 def make_subset(
-    curation_url: str, rule: SubsetRule, out_url: str, cfg: storage.StorageConfig | None = None
+    curation_url: str,
+    rule: SubsetRule,
+    out_url: str,
+    cfg: storage.StorageConfig | None = None,
+    *,
+    exclude_keys: frozenset[str] = frozenset(),
 ) -> manifest.Subset:
     """Select with ``rule`` from ``curation_url`` and write the subset manifest to ``out_url`` (atomic).
 
     The manifest lists ``key`` (+ ``label``, ``domain``, ``shard`` for convenience) and records the source
-    shard-set manifest named in the curation table's metadata, the rule and the inputs' hash.
+    shard-set manifest named in the curation table's metadata, the rule (with the number of
+    ``exclude_keys`` held out) and the inputs' hash.
     """
     try:
         raw = storage.read_bytes(curation_url, cfg)
@@ -134,22 +147,23 @@ def make_subset(
             f"{curation_url!r} has no source_manifest in its metadata; is it a vmae curation.parquet?"
         )
     df = table.to_pandas()
-    keys = select(df, rule)
+    keys = select(df, rule, exclude_keys)
     rows = df.set_index("key").loc[keys] if keys else df.iloc[:0].set_index("key")
     extra = {
         "label": [None if pd.isna(v) else int(v) for v in rows["label"]],
         "domain": rows["domain"].tolist(),
         "shard": rows["shard"].tolist(),
     }
-    digest = inputs_hash(raw, rule)
+    digest = inputs_hash(raw, rule, exclude_keys)
+    record = {**rule.to_dict(), **({"excluded_keys": len(exclude_keys)} if exclude_keys else {})}
     manifest.write_subset(
-        out_url, keys, source_manifest=meta["source_manifest"], rule=rule.to_dict(), inputs_hash=digest,
+        out_url, keys, source_manifest=meta["source_manifest"], rule=record, inputs_hash=digest,
         extra_columns=extra, cfg=cfg,
     )  # fmt: skip
     return manifest.Subset(
         keys=tuple(keys),
         source_manifest=meta["source_manifest"],
-        rule=rule.to_dict(),
+        rule=record,
         inputs_hash=digest,
         url=out_url,
     )

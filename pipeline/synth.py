@@ -1,11 +1,23 @@
 """Synthetic labelled videos in several visual domains, with controllable quality defects.
 
-Why: studies (domain shift, curation, data scaling) must run on a laptop or CI without downloading data.
-Each clip is one sprite moving over a background. The *domain* sets how background and sprite look, so
-their image statistics differ (``textures``: high-frequency gratings and noise; ``shapes``: flat colours;
-``gradients``: smooth ramps and soft edges). The *class* sets how the sprite moves, in pairs that are each
-other's time reversal (left/right, up/down, rotate_cw/rotate_ccw, zoom_in/zoom_out), so a model must use
-temporal order. A *defect* degrades a clean clip the way real data goes bad.
+Why: studies (domain shift, curation, data scaling, masking) must run on a laptop or CI without downloading
+data, and must be about structure a video model can learn. Each clip is one sprite moving over a background.
+The *class* sets how the sprite moves (left/right, up/down, rotate_cw/rotate_ccw, zoom_in/zoom_out: pairs
+that are each other's time reversal, so a model must use temporal order). The *domain* sets how the clip
+looks and how it moves, so domains differ in both appearance and motion statistics (``DOMAIN_STYLES``):
+
+- ``shapes``: flat background and sprite, hard edges, fast moves, a still camera;
+- ``textures``: a smooth two-grating background that drifts (a panning camera), a sprite striped in its own
+  frame (the stripes move and turn with it), medium moves;
+- ``gradients``: smooth colour ramps, a soft-edged radial sprite, slow moves and small turns/zooms.
+
+Everything in a clean clip is predictable from what a masked autoencoder sees: no per-pixel noise, and every
+spatial frequency is set in cycles per frame (at most ~4 per short side, <= 0.15 cycles/px at 32 px), so a
+clip rendered straight at the study's size has no detail finer than the pixels can hold and no aliasing.
+
+A *defect* degrades a clean clip the way real data goes bad: static (no motion), black runs, dark
+exposure, blur, exact re-encodes and near-duplicates (which cut diversity). ``DefectFractions`` sets the
+share of each; their sum is the share of low-quality clips (0.5-0.75 makes them dominate a set).
 
 Geometry: pixel centres, x to the right, y down; a positive angle turns clockwise on screen. Sizes are
 ``(width, height)`` in pixels; frames are uint8 RGB ``[T, H, W, 3]``.
@@ -148,61 +160,94 @@ def _contrasting(rng: np.random.Generator, ref: np.ndarray, min_diff: float = 70
             return c
 
 
-def _appearance(domain: str, h: int, w: int, rng: np.random.Generator):
-    """(background [H, W, 3] float32, sprite fill f(u, v) -> [H, W, 3], edge width in px)."""
+@dataclasses.dataclass(frozen=True)
+class DomainStyle:
+    """Motion statistics of a domain (fractions of the short side ``m`` unless noted)."""
+
+    travel: tuple[float, float]  # distance a translating sprite covers over the clip
+    radius: tuple[float, float]  # sprite half-extent
+    turn: tuple[float, float]  # radians a rotating sprite turns over the clip
+    zoom: tuple[float, float]  # size factor of a zooming sprite over the clip
+    pan: tuple[float, float]  # background (camera) drift over the clip, random direction
+    edge: float  # anti-aliased edge width, in px at a 64 px short side (scales with the frame)
+
+
+DOMAIN_STYLES = {
+    "shapes": DomainStyle(travel=(0.45, 0.6), radius=(0.17, 0.23), turn=(0.6 * np.pi, np.pi),
+                          zoom=(2.5, 3.0), pan=(0.0, 0.0), edge=1.0),
+    "textures": DomainStyle(travel=(0.35, 0.5), radius=(0.2, 0.26), turn=(0.5 * np.pi, 0.8 * np.pi),
+                            zoom=(2.2, 2.7), pan=(0.15, 0.3), edge=1.0),
+    "gradients": DomainStyle(travel=(0.25, 0.38), radius=(0.24, 0.3), turn=(0.35 * np.pi, 0.6 * np.pi),
+                             zoom=(1.8, 2.2), pan=(0.0, 0.0), edge=4.0),
+}  # fmt: skip
+
+
+def _appearance(domain: str, h: int, w: int, frames: int, rng: np.random.Generator):
+    """(background f(t) -> [H, W, 3] float32 for frame t, sprite fill f(u, v) -> [H, W, 3], edge width px)."""
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    m = min(w, h)
+    style = DOMAIN_STYLES[domain] if domain in DOMAIN_STYLES else None
+    if style is None:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+    edge = style.edge * m / 64
     c1 = _colour(rng, 70, 185)
     c2, c3, c4 = _contrasting(rng, c1), _contrasting(rng, c1), _contrasting(rng, c1)
     if domain == "shapes":
         bg = np.broadcast_to(c1, (h, w, 3))
-        return bg, lambda u, v: np.broadcast_to(c3, (*u.shape, 3)), 1.0
+        return (lambda t: bg), (lambda u, v: np.broadcast_to(c3, (*u.shape, 3))), edge
     if domain == "textures":
         phi, psi = rng.uniform(0, np.pi, 2), rng.uniform(0, 2 * np.pi, 2)
-        freq = rng.uniform(0.12, 0.3, 2)  # cycles per pixel
-        wave = sum(
-            np.sin(2 * np.pi * f * (xs * np.cos(p) + ys * np.sin(p)) + s)
-            for f, p, s in zip(freq, phi, psi, strict=True)
-        )
-        t = np.clip(0.5 + 0.25 * wave + rng.normal(0, 0.08, (h, w)), 0, 1)[..., None]
-        bg = c1 + (c2 - c1) * 0.6 * t
-        k, a = rng.uniform(1.5, 3.0), rng.uniform(0, np.pi)
+        freq = rng.uniform(1.5, 3.5, 2) / m  # cycles per px: 1.5-3.5 cycles over the short side
+        pan, heading = rng.uniform(*style.pan) * m, rng.uniform(0, 2 * np.pi)
+        tau = np.linspace(0.0, 1.0, frames, dtype=np.float32)
+
+        def background(t: int) -> np.ndarray:  # the gratings give every patch structure; no ramp needed
+            x, y = xs - pan * tau[t] * np.cos(heading), ys - pan * tau[t] * np.sin(heading)
+            wave = sum(
+                np.sin(2 * np.pi * f * (x * np.cos(p) + y * np.sin(p)) + s)
+                for f, p, s in zip(freq, phi, psi, strict=True)
+            )
+            return c1 + (c2 - c1) * (0.5 + 0.25 * wave)[..., None]
+
+        c4 = _contrasting(rng, c3, 60)  # the stripes show inside the sprite
+        k, a = rng.uniform(0.8, 1.4), rng.uniform(0, np.pi)  # stripes per sprite unit, in the sprite's frame
 
         def fill(u: np.ndarray, v: np.ndarray) -> np.ndarray:
             s = 0.5 + 0.5 * np.sin(2 * np.pi * k * (u * np.cos(a) + v * np.sin(a)))
             return c3 + (c4 - c3) * s[..., None]
 
-        return bg, fill, 1.0
-    if domain == "gradients":
-        a = rng.uniform(0, 2 * np.pi)
-        proj = (xs - w / 2) * np.cos(a) + (ys - h / 2) * np.sin(a)
-        t = ((proj - proj.min()) / max(float(np.ptp(proj)), 1e-6))[..., None]
-        bg = c1 + (c2 - c1) * 0.7 * t
-        return bg, lambda u, v: c3 + (c4 - c3) * np.clip(u * u + v * v, 0, 1)[..., None], 3.0
-    raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+        return background, fill, edge
+    a = rng.uniform(0, 2 * np.pi)
+    proj = (xs - w / 2) * np.cos(a) + (ys - h / 2) * np.sin(a)
+    t = ((proj - proj.min()) / max(float(np.ptp(proj)), 1e-6))[..., None]
+    bg = c1 + (c2 - c1) * 0.7 * t
+    return (lambda _t: bg), (lambda u, v: c3 + (c4 - c3) * np.clip(u * u + v * v, 0, 1)[..., None]), edge
 
 
-def _trajectory(motion: str, w: int, h: int, t: int, rng: np.random.Generator):
-    """Per-frame sprite centre x, y [T] (px), angle [T] (rad, clockwise) and half-extent [T] (px)."""
+def _trajectory(motion: str, domain: str, w: int, h: int, t: int, rng: np.random.Generator):
+    """Per-frame sprite centre x, y [T] (px), angle [T] (rad, clockwise) and half-extent [T] (px), with the
+    domain's motion statistics."""
+    style = DOMAIN_STYLES[domain]
     tau = np.linspace(0.0, 1.0, t, dtype=np.float32)
     m = min(w, h)
     const = np.ones(t, np.float32)
     if motion in ("left", "right", "up", "down"):
-        r = rng.uniform(0.18, 0.25) * m
+        r = rng.uniform(*style.radius) * m
         along, across = (w, h) if motion in ("left", "right") else (h, w)
-        travel = rng.uniform(0.35, 0.5) * along
-        start = rng.uniform(r, along - r - travel)
+        travel = min(rng.uniform(*style.travel) * m, along - 2 * r)
+        start = rng.uniform(r, max(r, along - r - travel))
         pos = start + travel * (tau if motion in ("right", "down") else 1 - tau)
         other = rng.uniform(r, across - r) * const
         cx, cy = (pos, other) if motion in ("left", "right") else (other, pos)
         return cx, cy, rng.uniform(0, 2 * np.pi) * const, r * const
     if motion in ("rotate_cw", "rotate_ccw"):
-        r = rng.uniform(0.25, 0.32) * m
-        turn = rng.uniform(np.pi / 2, np.pi) * (1 if motion == "rotate_cw" else -1)
+        r = (rng.uniform(*style.radius) + 0.07) * m
+        turn = rng.uniform(*style.turn) * (1 if motion == "rotate_cw" else -1)
         angle = rng.uniform(0, 2 * np.pi) + turn * tau
         return rng.uniform(r, w - r) * const, rng.uniform(r, h - r) * const, angle, r * const
     if motion in ("zoom_in", "zoom_out"):
         # the sprite may grow past the frame's edges, as when a camera closes in
-        r0, factor = rng.uniform(0.15, 0.2) * m, rng.uniform(2.5, 3.0)
+        r0, factor = (rng.uniform(*style.radius) - 0.03) * m, rng.uniform(*style.zoom)
         growth = factor ** (tau if motion == "zoom_in" else 1 - tau)
         cx, cy = rng.uniform(0.3 * m, w - 0.3 * m), rng.uniform(0.3 * m, h - 0.3 * m)
         return cx * const, cy * const, rng.uniform(0, 2 * np.pi) * const, r0 * growth
@@ -268,8 +313,10 @@ def render_clip(
     w, h = size
     if w < 8 or h < 8 or frames < 2:
         raise ValueError(f"size must be >= 8x8 px and frames >= 2, got size={size}, frames={frames}")
-    bg, fill, edge_px = _appearance(domain, h, w, rng)
-    cx, cy, angle, scale = _trajectory(motion, w, h, frames, rng)
+    if domain not in DOMAIN_STYLES:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+    background, fill, edge_px = _appearance(domain, h, w, frames, rng)
+    cx, cy, angle, scale = _trajectory(motion, domain, w, h, frames, rng)
     poly = np.asarray(_POLYGONS[rng.integers(len(_POLYGONS))], np.float32)
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
     out = np.empty((frames, h, w, 3), np.float32)
@@ -278,7 +325,7 @@ def render_clip(
         dx, dy = xs - cx[i], ys - cy[i]
         u, v = (c * dx + s * dy) / scale[i], (-s * dx + c * dy) / scale[i]
         alpha = np.clip(0.5 - _polygon_sdf(u, v, poly) * scale[i] / edge_px, 0, 1)[..., None]
-        out[i] = bg * (1 - alpha) + fill(u, v) * alpha
+        out[i] = background(i) * (1 - alpha) + fill(u, v) * alpha
     out = _apply_defect(out, defect, defect_rng or rng)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
+import statistics
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -16,7 +18,7 @@ from jobs.config import load_config
 from jobs.evaluate import EvalConfig
 from jobs.study import StudyConfig, expand_grid, resolve_cell, run_study
 from jobs.study_data import PreparedData, SubsetInfo, TargetInfo, resolve_path, stratified_split
-from jobs.study_report import make_plots, markdown_table, pick_metrics, results_frame, write_report
+from jobs.study_report import finding_verdicts, pick_metrics, results_frame, summarize, write_report
 from pipeline import manifest as mf
 from pipeline import storage
 
@@ -35,7 +37,8 @@ def fake_data(cfg: StudyConfig, size: int = 10_000) -> PreparedData:
     }  # fmt: skip
     targets = {
         t.name: TargetInfo(name=t.name, train_url=f"/data/{t.name}-train.parquet", test_url=f"/t/{t.name}.parquet",
-                           train_size=5, test_size=5, inputs_hash=f"t-{t.name}", domains=("a",))
+                           train_size=5, test_size=5, inputs_hash=f"t-{t.name}", domains=("a",), num_classes=4,
+                           chance=0.25)
         for t in cfg.data.targets
     }  # fmt: skip
     return PreparedData(
@@ -46,29 +49,37 @@ def fake_data(cfg: StudyConfig, size: int = 10_000) -> PreparedData:
 @pytest.mark.parametrize("path", STUDY_YAMLS, ids=os.path.basename)
 def test_every_study_config_loads_and_resolves(path):
     cfg = load_config(StudyConfig, path)
-    cells = [resolve_cell(cfg, p, fake_data(cfg)) for p in expand_grid(cfg)]
-    assert len({c.id for c in cells}) == len(cells) >= 2
-    for c in cells:
-        assert c.pretrain.loader.subset == f"/data/{c.params['subset']}.parquet"
-        assert c.pretrain.run_url.startswith(cfg.output.rstrip("/") + "/runs/")
-        assert c.pretrain.loader.manifest == "/data/manifest.json"
-        if c.params["mask_ratio"] is not None:  # set once, on the model; the loader's masks derive from it
-            assert c.pretrain.model.build().clip_spec().mask_ratio == c.params["mask_ratio"]
-        ev = load_config(
-            EvalConfig, resolve_path(cfg.eval.config), [*c.eval_overrides, "checkpoint=x", "output=y"]
-        )
-        assert ev.train is not None
+    runs = [resolve_cell(cfg, p, fake_data(cfg), seed) for p in expand_grid(cfg) for seed in cfg.seeds]
+    assert len({r.url_part for r in runs}) == len(runs) >= 2
+    assert len({r.cell_id for r in runs}) == len(expand_grid(cfg))  # one id per cell, whatever the seed
+    for r in runs:
+        pc = r.pretrain
+        assert pc.loader.subset == f"/data/{r.params['subset']}.parquet" and pc.loader.manifest == "/data/manifest.json"
+        assert pc.run_url.startswith(cfg.store.rstrip("/") + "/runs/") and pc.seed == pc.loader.seed == r.seed
+        spec = pc.model.build().clip_spec()  # the mask is set once, on the model
+        if r.params["mask_ratio"] is not None:
+            assert spec.mask_ratio == r.params["mask_ratio"]
+        if r.params["mask_type"] is not None:
+            assert spec.mask_type == r.params["mask_type"]
+        if cfg.finetune is not None:
+            ft = r.job["finetune"]
+            assert ft["loader"]["subset"] == f"/data/{r.params['target']}-train.parquet" and ft["seed"] == r.seed
+            assert ft["model"]["overrides"].items() >= pc.model.overrides.items()  # the pretrained architecture
+            assert ft["pretrained"] == (None if r.params["init"] == "scratch" else r.job["encoder"])
+        ev = load_config(EvalConfig, resolve_path(cfg.eval.config), [*r.job["eval_overrides"], "checkpoint=x", "output=y"])
+        assert ev.test.manifest
     if os.path.basename(path).endswith("_gpu.yaml"):
-        assert all(c.pretrain.scaling.use_gpu for c in cells)
+        assert all(r.pretrain.scaling.use_gpu for r in runs)
 
 
 def test_grid_product_explicit_cells_and_dedup():
     cfg = load_config(StudyConfig, DEBUG, ["grid.cells=[{subset: all, init: scratch}, {mask_ratio: 0.9}]"])
     cells = expand_grid(cfg)
-    # 2x2 product, then the explicit cells; {subset: all, init: scratch} is already in the product
+    # 2x2 product (its two scratch cells are one: a scratch cell has no pretraining subset), then the explicit
+    # cells; {subset: all, init: scratch} is already there
     assert [(c["subset"], c["init"], c["mask_ratio"]) for c in cells] == [
         ("all", "pretrained", None), ("all", "scratch", None), ("clean", "pretrained", None),
-        ("clean", "scratch", None), ("all", "pretrained", 0.9),
+        ("all", "pretrained", 0.9),
     ]  # fmt: skip
 
 
@@ -81,6 +92,9 @@ def test_grid_product_explicit_cells_and_dedup():
         ("grid.axes={mask_ratio: [1.5]}", "mask_ratio must be a number in"),
         ("grid.axes={subset: []}", "must be a non-empty list"),
         ("data.manifest=/x/manifest.json", "exactly one of synth"),
+        ("seeds=[1, 1]", "distinct"),
+        ("runner.pretrain=slurm", "runner.pretrain must be one of"),
+        ("report.findings=[{name: x, better: {init: scratch}, worse: {initt: x}}]", "unknown parameter 'initt'"),
     ],
 )
 def test_bad_study_config_is_named(override, message):
@@ -91,18 +105,20 @@ def test_bad_study_config_is_named(override, message):
 def test_cell_identity():
     cfg = load_config(StudyConfig, DEBUG)
     data = fake_data(cfg)
-    cells = {(c["subset"], c["init"]): resolve_cell(cfg, c, data) for c in expand_grid(cfg)}
-    # scratch weights do not depend on the subset: one initialisation, one evaluation
-    assert cells["all", "scratch"].pretrain_id == cells["clean", "scratch"].pretrain_id
-    assert cells["all", "scratch"].eval_key == cells["clean", "scratch"].eval_key
-    assert cells["all", "pretrained"].pretrain_id != cells["clean", "pretrained"].pretrain_id
-    # a changed eval setting changes the cell id but not the pretraining run
+    cells = {(c["subset"], c["init"]): c for c in expand_grid(cfg)}
+    run = lambda cell, seed=0, c=cfg: resolve_cell(c, cell, data, seed)  # noqa: E731
+    pre_all, pre_clean, scratch = run(cells["all", "pretrained"]), run(cells["clean", "pretrained"]), run(cells["all", "scratch"])
+    assert pre_all.pretrain_id != pre_clean.pretrain_id and pre_all.eval_id != scratch.eval_id
+    # seeds: the same cell, other runs
+    s1 = run(cells["all", "pretrained"], 1)
+    assert s1.cell_id == pre_all.cell_id and s1.pretrain_id != pre_all.pretrain_id and s1.url_part != pre_all.url_part
+    # a changed eval setting changes the cell and its evaluation, not the pretraining run
     cfg2 = load_config(StudyConfig, DEBUG, ["eval.overrides=[actors=0, knn.k=3]"])
-    c2 = resolve_cell(cfg2, {**cells["all", "pretrained"].params}, data)
-    assert c2.pretrain_id == cells["all", "pretrained"].pretrain_id and c2.id != cells["all", "pretrained"].id
+    c2 = run(cells["all", "pretrained"], 0, cfg2)
+    assert c2.pretrain_id == pre_all.pretrain_id and c2.cell_id != pre_all.cell_id and c2.eval_id != pre_all.eval_id
     # too small a subset for one global batch is refused before any training
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        resolve_cell(cfg, cells["all", "pretrained"].params, fake_data(cfg, size=7))
+        resolve_cell(cfg, cells["all", "pretrained"], fake_data(cfg, size=3), 0)
 
 
 def test_stratified_split_matches_independent_ranking():
@@ -118,94 +134,116 @@ def test_stratified_split_matches_independent_ranking():
     assert stratified_split(df, 0.3, seed=5) == (train, test)
 
 
-def _result(cell, subset, init, size, quality, target, mask, lp, knn):
+def test_stratified_split_fixed_counts_per_domain_and_label():
+    rows = [(f"{d}{c}{i:02d}", d, c) for d in "ab" for c in range(2) for i in range(6 if (d, c) != ("b", 1) else 3)]
+    df = pd.DataFrame(rows, columns=["key", "domain", "label"])
+    train, test = stratified_split(df[df["key"].str[1] != "1"], 0.5, seed=2, by=("domain", "label"), counts=(2, 3))
+    for d in "ab":
+        keys = sorted(df[(df["domain"] == d) & (df["label"] == 0)]["key"], key=lambda k: hashlib.sha256(f"2:{k}".encode()).digest()[:8])
+        assert sorted(k for k in test if k[0] == d) == sorted(keys[:3])
+        assert sorted(k for k in train if k[0] == d) == sorted(keys[3:5])
+    with pytest.raises(ValueError, match=r"'domain': 'b', 'label': 1.* has 3 samples, fewer than 2 train \+ 3 test"):
+        stratified_split(df, 0.5, seed=2, by=("domain", "label"), counts=(2, 3))
+
+
+def _result(cell, seed, init, ft, lp, *, subset="s", mask=None, mask_type=None, eval_id=None):
     return {
-        "cell_id": cell, "params": {"subset": subset, "target": target, "init": init, "mask_ratio": mask},
-        "subset": {"size": size, "mean_quality": quality, "flagged_frac": 0.0, "domains": [subset]},
-        "target": {"train_size": 4, "test_size": 4, "domains": [target]},
+        "cell_id": cell, "seed": seed, "eval_id": eval_id or f"{cell}-{seed}",
+        "params": {"subset": subset, "target": "t", "init": init, "mask_ratio": mask, "mask_type": mask_type},
+        "subset": {"size": 10, "mean_quality": 0.5, "flagged_frac": 0.0, "domains": [subset]},
+        "target": {"train_size": 4, "test_size": 8, "domains": ["t"], "chance": 0.25},
         "pretrain": {"steps": 0 if init == "scratch" else 2, "final_loss": None if init == "scratch" else 0.9,
-                     "wall_s": 1.0},
-        "metrics": {"knn.top1": knn, "linear_probe.top1": lp, "linear_probe.top5": 1.0},
-        "eval_wall_s": 0.5, "wall_s": 1.5, "checkpoint": f"/runs/{cell}",
+                     "wall_s": 10.0, "overhead_s": 4.0},
+        "metrics": {"finetune.top1": ft, "linear_probe.top1": lp, "linear_probe.top5": 1.0},
+        "finetune_wall_s": 2.0, "eval_wall_s": 0.5, "checkpoint": f"/runs/{cell}",
     }  # fmt: skip
 
 
-def test_report_table_and_plots(tmp_path):
-    results = [
-        _result("a", "small", "pretrained", 10, 0.9, "t1", 0.5, 0.6, 0.5),
-        _result("b", "big", "pretrained", 40, 0.4, "t1", 0.5, 0.4, 0.3),
-        _result("c", "small", "pretrained", 10, 0.9, "t2", 0.9, 0.8, 0.7),
-        _result("d", "small", "scratch", 10, 0.9, "t1", None, 0.2, 0.25),
-    ]
+def test_report_means_verdicts_and_plots(tmp_path):
+    from jobs.study import FindingSpec, ReportConfig
+
+    pre = [0.50, 0.55, 0.60]
+    scr = [0.30, 0.32, 0.28]
+    results = [_result("p", i, "pretrained", v, v - 0.1, mask=0.9, mask_type="tube") for i, v in enumerate(pre)]
+    results += [_result("m", i, "pretrained", v, v, mask=0.5, mask_type="tube") for i, v in enumerate([0.5, 0.52, 0.48])]
+    results += [_result("z", i, "scratch", v, v) for i, v in enumerate(scr)]
+    results += [_result("z2", i, "scratch", v, v, subset="other", eval_id=f"z-{i}") for i, v in enumerate(scr)]
     df = results_frame(results)
-    assert len(df) == 4 and df.loc[1, "subset_size"] == 40 and df.loc[2, "mask_ratio"] == 0.9
-    assert pick_metrics(df) == ["linear_probe.top1", "knn.top1"]
+    assert len(df) == 12 and pick_metrics(df) == ["finetune.top1", "linear_probe.top1"]
     with pytest.raises(ValueError, match="report.metrics"):
         pick_metrics(df, ["top1"])
-    md = markdown_table(df, ["linear_probe.top1"])
-    rows = [line for line in md.splitlines() if line.startswith("| ") and "cell_id" not in line]
-    assert [r.split(" | ")[0] for r in rows] == ["| c", "| a", "| b", "| d"]  # best first
-    plots = make_plots(df, ["linear_probe.top1"])
-    assert set(plots) == {"acc_vs_subset_size", "quality_vs_quantity", "domain_shift", "masking_ratio"}
-    assert all(p.startswith(PNG_MAGIC) for p in plots.values())
-    files = write_report(results, str(tmp_path))
+    summary = summarize(df, ["finetune.top1"])
+    row = summary.set_index("cell_id").loc["p"]
+    assert row["seeds"] == 3 and row["finetune.top1.mean"] == pytest.approx(statistics.mean(pre))
+    assert row["finetune.top1.std"] == pytest.approx(statistics.stdev(pre))
+    findings = (
+        FindingSpec(name="pre > scratch", better={"init": "pretrained", "mask_ratio": 0.9}, worse={"init": "scratch"}),
+        FindingSpec(name="0.5 > 0.9", better={"mask_ratio": 0.5}, worse={"mask_ratio": 0.9}),
+        FindingSpec(name="0.9 not worse", kind="not_worse", better={"mask_ratio": 0.9}, worse={"mask_ratio": 0.5}),
+    )
+    v = {x["name"]: x for x in finding_verdicts(df, findings)}
+    se = math.sqrt(statistics.variance(pre) / 3 + statistics.variance(scr) / 3)  # z2 = z's runs: counted once
+    assert v["pre > scratch"]["n_worse"] == 3 and v["pre > scratch"]["se"] == pytest.approx(se)
+    assert v["pre > scratch"]["diff"] == pytest.approx(statistics.mean(pre) - statistics.mean(scr))
+    assert v["pre > scratch"]["verdict"] == "reproduced"
+    assert v["0.5 > 0.9"]["verdict"] == "not reproduced" and v["0.9 not worse"]["verdict"] == "reproduced"
+    files = write_report(results, str(tmp_path), report=ReportConfig(metrics=("finetune.top1",), findings=findings))
+    md = open(files["results.md"]).read()
+    assert f"{statistics.mean(pre):.3f} ± {statistics.stdev(pre):.3f}" in md and "**reproduced**" in md
+    assert "**not reproduced**" in md and "| 0.250 |" in md  # chance
+    assert open(files["summary"], "rb").read(8) == PNG_MAGIC and open(files["masking_ratio"], "rb").read(8) == PNG_MAGIC
     table = pq.read_table(files["results.parquet"]).to_pandas()
-    assert table["linear_probe.top1"].tolist() == [0.6, 0.4, 0.8, 0.2]
-    assert open(files["masking_ratio"], "rb").read(8) == PNG_MAGIC
+    assert sorted(table["finetune.top1"].tolist()) == sorted(df["finetune.top1"].tolist())
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_debug_study_end_to_end_and_rerun(ray_cluster, tmp_path):
-    out = str(tmp_path / "study")
-    cfg = load_config(StudyConfig, DEBUG, [f"output={out}"])
+    """The machinery of every study on a tiny grid (never a finding: that is the study's job): 3 cells x 2 seeds
+    through synth -> ... -> Ray Train pretrain -> finetune task -> eval, then a rerun that runs nothing."""
+    out, cache = str(tmp_path / "study"), str(tmp_path / "cache")
+    cfg = load_config(StudyConfig, DEBUG, [f"output={out}", f"cache={cache}"])
     first = run_study(cfg)
-    assert (first["cells"], first["ran"], first["pretrain_runs"]) == (4, 4, 2)
+    assert (first["cells"], first["runs"], first["ran"], first["pretrain_runs"]) == (3, 6, 6, 4)
     table = pq.read_table(first["files"]["results.parquet"]).to_pandas()
-    assert len(table) == 4 and set(zip(table["subset"], table["init"], strict=True)) == {
-        ("all", "pretrained"), ("all", "scratch"), ("clean", "pretrained"), ("clean", "scratch")
-    }  # fmt: skip
-    for _, row in table.iterrows():  # each row holds the evaluator's own numbers and the subset's real size
-        cell = json.load(open(os.path.join(out, "cells", row["cell_id"], "result.json")))
-        report = json.load(open(cell["eval_report"]))
-        assert row["linear_probe.top1"] == report["linear_probe"]["top1"]
-        assert row["knn.top1"] == report["knn"]["top1"]
-        subset_url = cell["subset"]["url"]
-        assert row["subset_size"] == len(mf.read_subset(subset_url).keys)
-        assert row["target_test_size"] == report["samples"]["test"]["videos"]
+    assert len(table) == 6 and sorted(set(zip(table["subset"], table["init"], strict=True))) == [
+        ("all", "pretrained"), ("all", "scratch"), ("clean", "pretrained")
+    ]  # fmt: skip
+    for _, row in table.iterrows():  # each row holds the evaluators' own numbers and the subset's real size
+        cell = json.load(open(os.path.join(out, "cells", row["cell_id"], f"seed_{row['seed']}", "result.json")))
+        evals = os.path.join(cache, "evals", cell["eval_id"])
+        encoder, finetuned = (json.load(open(os.path.join(evals, n))) for n in ("encoder.json", "finetuned.json"))
+        assert row["linear_probe.top1"] == encoder["linear_probe"]["top1"] and row["knn.top1"] == encoder["knn"]["top1"]
+        assert row["finetune.top1"] == finetuned["multiview"]["1x1"]["top1"]
+        assert finetuned["checkpoint_meta"]["kind"] == "classifier" and encoder["checkpoint_meta"]["kind"] == "pretrain"
+        assert row["subset_size"] == len(mf.read_subset(cell["subset"]["url"]).keys)
+        assert row["target_test_size"] == finetuned["samples"]["test"]["videos"] == 8  # 2 domains x 4 classes x 1
         assert os.path.exists(os.path.join(row["checkpoint"], "vmae.json"))
+        if row["init"] == "pretrained":
+            assert row["pretrain_steps"] == 2 and row["pretrain_overhead_s"] > 0
+    held_out = set(mf.read_subset(cell["target"]["train_url"]).keys) | set(mf.read_subset(cell["target"]["test_url"]).keys)
+    for sub in {c["subset"]["url"] for c in first["results"]}:  # no pretraining subset holds a target clip
+        assert not held_out & set(mf.read_subset(sub).keys)
     md = open(first["files"]["results.md"]).read()
-    assert md.count("\n| ") == 5  # header + 4 cells
-    for name in ("acc_vs_subset_size", "quality_vs_quantity"):
-        assert open(first["files"][name], "rb").read(8) == PNG_MAGIC
-    stamps = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(out, "cells", "*", "result.json"))}
+    assert "## Findings" in md and "pretraining beats scratch" in md
+    assert open(first["files"]["summary"], "rb").read(8) == PNG_MAGIC
+    stamps = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(out, "cells", "*", "*", "result.json"))}
+    assert len(stamps) == 6
 
     again = run_study(cfg)  # every cell committed: nothing runs, nothing is rewritten
-    assert (again["ran"], again["skipped"], again["pretrain_runs"]) == (0, 4, 0)
+    assert (again["ran"], again["skipped"], again["pretrain_runs"]) == (0, 6, 0)
     assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
 
-    os.remove(
-        next(iter(stamps))
-    )  # a cell that crashed before its commit reruns alone, reusing its pretraining
-    cfg_k = load_config(StudyConfig, DEBUG, [f"output={out}"])
-    third = run_study(cfg_k)
+    os.remove(next(iter(stamps)))  # a cell that crashed before its commit: rerun from the shared cache
+    third = run_study(cfg)
     assert (third["ran"], third["pretrain_runs"]) == (1, 0)
 
 
 @pytest.mark.s3
 def test_report_to_s3(s3_bucket):
-    results = [
-        _result("a", "small", "pretrained", 10, 0.9, "t1", None, 0.6, 0.5),
-        _result("b", "big", "pretrained", 40, 0.4, "t1", None, 0.4, 0.3),
-    ]
+    results = [_result("a", 0, "pretrained", 0.6, 0.5), _result("a", 1, "pretrained", 0.5, 0.4)]
     files = write_report(results, f"{s3_bucket}/study", title="s3")
-    assert set(files) == {
-        "results.parquet",
-        "results.md",
-        "acc_vs_subset_size",
-        "quality_vs_quantity",
-        "domain_shift",
-    }
+    assert set(files) == {"results.parquet", "results.md", "findings.json", "summary"}
     assert len(mf.read_table(files["results.parquet"])) == 2
-    assert storage.read_bytes(files["quality_vs_quantity"])[:8] == PNG_MAGIC
-    assert storage.read_bytes(files["results.md"]).decode().startswith("# s3: 2 cells")
+    assert storage.read_bytes(files["summary"])[:8] == PNG_MAGIC
+    assert storage.read_bytes(files["results.md"]).decode().startswith("# s3: 1 cells")

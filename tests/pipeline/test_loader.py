@@ -175,6 +175,50 @@ def test_elastic_resume_world_2_to_3(uneven):
             assert torch.equal(b[1], ref[b[0][0]])
 
 
+def test_decoded_cache_gives_the_uncached_clips_and_reads_each_shard_once(tmp_path, monkeypatch):
+    """loader.cache: every epoch's batches (keys, clips, masks, labels, stand-ins for a bad sample) equal the
+    uncached loader's, bit for bit, across epochs and a mid-epoch resume; the shards are read in the first
+    epoch only; a missing-from-shard sample is not cached (not a verdict on the data)."""
+    import pipeline.decode as decode
+
+    url = str(tmp_path / "set")
+    make_shard_set(url, 10, 3, frames=lambda i: 10 + i % 5, bad={3: "garbage"})
+    plain = make_loader(small_cfg(url, num_workers=0, num_sample=2, batch_size=2), SPEC, rank=0, world_size=1)
+    cached = make_loader(small_cfg(url, num_workers=0, num_sample=2, batch_size=2, cache=True), SPEC)
+    opened = []
+    real = decode.iter_shard
+    monkeypatch.setattr(decode, "iter_shard", lambda u, **kw: (opened.append(u), real(u, **kw))[1])
+    for epoch in range(3):
+        want, got = run_epoch(plain), run_epoch(cached)
+        assert len(got) == len(want) == 10
+        for x, y in zip(got, want, strict=True):
+            assert x[0] == y[0] and all(torch.equal(a, b) for a, b in zip(x[1:], y[1:], strict=True)), epoch
+        if epoch == 0:
+            reads_first = len(opened)  # both loaders read every shard once
+            assert reads_first == 2 * 3
+    assert cached.stats["skipped"] == plain.stats["skipped"] == 3  # the garbage sample, once per epoch
+    assert len(opened) == reads_first + 2 * 3  # afterwards only the plain loader reads shards
+    assert len(cached.cache) == 10 and cached.cache.nbytes > 0
+    # resume mid-epoch into a fresh cached loader: the same batches as the uninterrupted plain loader
+    state = cached.state_dict()
+    head = run_epoch(cached, limit=4)
+    resumed = make_loader(small_cfg(url, num_workers=0, num_sample=2, batch_size=2, cache=True), SPEC)
+    resumed.load_state_dict({**state, "cursor": 4})
+    tail = run_epoch(resumed)
+    want = run_epoch(plain)
+    for x, y in zip(head + tail, want, strict=True):
+        assert x[0] == y[0] and torch.equal(x[1], y[1]) and torch.equal(x[2], y[2])
+    with pytest.raises(ValueError, match="needs loader.num_workers=0"):
+        small_cfg(url, cache=True, num_workers=2)
+    tiny = make_loader(small_cfg(url, num_workers=0, cache=True), SPEC)
+    tiny.cache.max_bytes = 40_000  # room for a few decoded videos only: the rest is decoded each epoch
+    ref = make_loader(small_cfg(url, num_workers=0), SPEC)
+    for _ in range(2):
+        for x, y in zip(run_epoch(tiny), run_epoch(ref), strict=True):
+            assert x[0] == y[0] and torch.equal(x[1], y[1]) and torch.equal(x[2], y[2])
+    assert 0 < len(tiny.cache) < 10 and tiny.cache.full
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_pad_remainder_repeats_head_samples(tmp_path, workers):
     url = str(tmp_path / "seven")

@@ -263,3 +263,17 @@ def test_shard_config_validation():
         ShardConfig(prefix="a.b")
     with pytest.raises(ValueError, match="shards.max_samples"):
         ShardConfig(max_samples=-1)
+
+
+def test_shard_write_order_is_a_seeded_shuffle_or_the_key_order():
+    """Class-sorted keys (a UCF101-style bucket) must not become class-pure shards: the default write order is
+    a deterministic hash of (seed, key); ``order: key`` keeps the sorted order."""
+    keys = [f"{cls}_v{i:03d}" for cls in ("archery", "bowling", "diving") for i in range(40)]
+    shuffled = sorted(keys, key=ShardConfig().sort_key)
+    assert shuffled == sorted(keys, key=lambda k: hashlib.sha256(f"0:{k}".encode()).digest())
+    assert sorted(keys, key=ShardConfig(seed=1).sort_key) != shuffled
+    assert sorted(keys, key=ShardConfig(order="key").sort_key) == keys
+    first_shard = shuffled[:40]  # what a 40-sample shard would hold
+    assert {k.split("_")[0] for k in first_shard} == {"archery", "bowling", "diving"}
+    with pytest.raises(ValueError, match="shards.order must be one of"):
+        ShardConfig(order="random")
