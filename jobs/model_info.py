@@ -5,6 +5,7 @@ Why: sizing runs (memory, MFU, cost) starts from these numbers; the pretrain job
 
     vmae model-info --model vit_b --mask-ratio 0.9
     vmae model-info --model tiny --set num_frames=8 --json
+    vmae model-info --model vit_g --set decoder_mask_type=run_cell --set decoder_mask_ratio=0.5
 """
 
 from __future__ import annotations
@@ -46,14 +47,21 @@ def model_info(cfg, num_classes: int) -> dict:
 
     params = param_counts(cfg)
     t, h, w = cfg.grid
+    full = dataclasses.replace(cfg, decoder_mask_type="none", decoder_mask_ratio=0.0)
     return {
         "config": dataclasses.asdict(cfg),
-        "tokens": {"grid": [t, h, w], "total": cfg.num_patches, "masked": cfg.num_masked},
+        "tokens": {
+            "grid": [t, h, w],
+            "total": cfg.num_patches,
+            "masked": cfg.num_masked,
+            "decoded": cfg.num_decoded,
+        },
         "params": {**params, "classifier": classifier_param_count(cfg, num_classes)},
         "gflops_per_clip": {
             "pretrain_forward": pretrain_forward_flops(cfg) / 1e9,
             "pretrain_fwd_bwd": pretrain_train_flops(cfg) / 1e9,
             "classifier_forward": classifier_forward_flops(cfg, num_classes) / 1e9,
+            "pretrain_fwd_bwd_without_decoder_mask": pretrain_train_flops(full) / 1e9,
         },
         "num_classes": num_classes,
     }
@@ -95,4 +103,11 @@ def run(args: argparse.Namespace) -> int:
         f"GFLOPs/clip   pretrain fwd {g['pretrain_forward']:.2f} | pretrain fwd+bwd {g['pretrain_fwd_bwd']:.2f} | "
         f"classifier fwd {g['classifier_forward']:.2f}  (2 FLOPs per multiply-add)"
     )
+    if cfg.decoder_mask_type != "none":
+        without = g["pretrain_fwd_bwd_without_decoder_mask"]
+        print(
+            f"decoder mask  {cfg.decoder_mask_type} {cfg.decoder_mask_ratio}: decoder reconstructs "
+            f"{tok['decoded']} tokens instead of {tok['masked']}; pretrain fwd+bwd {g['pretrain_fwd_bwd']:.2f} vs "
+            f"{without:.2f} GFLOPs ({g['pretrain_fwd_bwd'] / without - 1:+.1%})"
+        )
     return 0

@@ -2,10 +2,12 @@
 
 - ``vmae`` (ours): a directory with ``model.safetensors`` and ``vmae.json`` (config, kind, head settings).
 - ``hf``: a directory a ``transformers`` ``VideoMAEForPreTraining`` / ``VideoMAEForVideoClassification``
-  loads with ``from_pretrained`` (``config.json`` + ``model.safetensors``).
-- ``official``: an MCG-NJU VideoMAE ``.pth`` (pretraining or finetuning), state under ``model`` or ``module``;
-  read with ``torch.load(weights_only=True)``. Such files carry no config: pass ``cfg`` or it is inferred from
-  the weight shapes with the paper's 16x224x224 clip (positions are fixed sinusoids, so any clip size loads).
+  loads with ``from_pretrained`` (``config.json`` + ``model.safetensors``), ``use_mean_pooling`` true or false.
+- ``official``: a ``.pth`` of MCG-NJU VideoMAE or OpenGVLab VideoMAE V2 (pretraining or finetuning, ViT-S to
+  ViT-g/14), state under ``model`` or ``module``; read with ``torch.load(weights_only=True)``. Such files carry no
+  config: pass ``cfg`` or it is inferred from the weight shapes (``model.infer``). Written as
+  ``{"model": state_dict}`` under the official names, which the official finetuning scripts load (they take
+  ``model|module``, strip ``encoder.`` and load non-strictly).
 
 The config file is written after the weights, so a directory with a config is complete.
 Training state (optimizer, data cursor, rng) is the pretrain job's business, not this module's.
@@ -17,7 +19,6 @@ import argparse
 import dataclasses
 import io
 import json
-import re
 
 import torch
 from safetensors import SafetensorError
@@ -26,15 +27,17 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from model.config import VideoMAEConfig
+from model.infer import config_from_hf, hf_config, infer_config
 from model.keymaps import CLASSIFIER, PRETRAIN, detect_kind, from_hf, from_official, to_hf, to_official
 from model.videomae import VideoMAE, VideoMAEClassifier
 from pipeline.storage import exists, get_fs, join, read_bytes, write_bytes_atomic
 
-FORMATS = ("vmae", "hf")
+FORMATS = ("vmae", "hf", "official")
 VMAE_META = "vmae.json"
 WEIGHTS = "model.safetensors"
-_HF_ARCH = {PRETRAIN: "VideoMAEForPreTraining", CLASSIFIER: "VideoMAEForVideoClassification"}
-_HEADS_BY_WIDTH = {384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16}  # paper encoder/decoder widths
+HF_CONFIG = "config.json"
+HF_LEGACY_WEIGHTS = "pytorch_model.bin"
+_STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers in saved state dicts
 
 Model = VideoMAE | VideoMAEClassifier
 
@@ -55,88 +58,34 @@ def _cpu_state(model: Model) -> dict[str, torch.Tensor]:
 
 
 def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Our weights under the official MCG-NJU key names (save as ``torch.save({"model": sd}, path)``)."""
+    """Our weights under the official key names (``save_checkpoint(..., format="official")`` writes them)."""
     model = _unwrap(model)
     return to_official(_cpu_state(model), _kind(model))
 
 
-def _hf_config(model: Model) -> dict:
-    cfg = model.cfg
-    out = {
-        "architectures": [_HF_ARCH[_kind(model)]],
-        "model_type": "videomae",
-        "image_size": cfg.img_size,
-        "patch_size": cfg.patch_size,
-        "num_channels": cfg.in_chans,
-        "num_frames": cfg.num_frames,
-        "tubelet_size": cfg.tubelet_size,
-        "hidden_size": cfg.encoder_width,
-        "num_hidden_layers": cfg.encoder_depth,
-        "num_attention_heads": cfg.encoder_heads,
-        "intermediate_size": cfg.encoder_mlp_hidden,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-        "initializer_range": 0.02,
-        "layer_norm_eps": 1e-6,
-        "qv_bias": cfg.qkv_bias,
-        "use_mean_pooling": isinstance(model, VideoMAEClassifier),
-        "decoder_num_attention_heads": cfg.decoder_heads,
-        "decoder_hidden_size": cfg.decoder_width,
-        "decoder_num_hidden_layers": cfg.decoder_depth,
-        "decoder_intermediate_size": cfg.decoder_mlp_hidden,
-        "norm_pix_loss": cfg.norm_pix_loss,
-        "torch_dtype": "float32",
-    }
-    if isinstance(model, VideoMAEClassifier):
-        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_classes)}
-        out["label2id"] = {f"LABEL_{i}": i for i in range(model.num_classes)}
-    return out
-
-
-def _config_from_hf(hf: dict, where: str) -> VideoMAEConfig:
-    try:
-        width, dec_width = int(hf["hidden_size"]), int(hf["decoder_hidden_size"])
-        mlp_ratio = hf["intermediate_size"] / width
-        if abs(hf["decoder_intermediate_size"] / dec_width - mlp_ratio) > 1e-9:
-            raise ValueError("encoder and decoder MLP ratios differ (one mlp_ratio is supported)")
-        if hf.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (gelu only)")
-        return VideoMAEConfig(
-            img_size=int(hf["image_size"]),
-            patch_size=int(hf["patch_size"]),
-            num_frames=int(hf["num_frames"]),
-            tubelet_size=int(hf["tubelet_size"]),
-            in_chans=int(hf["num_channels"]),
-            encoder_width=width,
-            encoder_depth=int(hf["num_hidden_layers"]),
-            encoder_heads=int(hf["num_attention_heads"]),
-            decoder_width=dec_width,
-            decoder_depth=int(hf["decoder_num_hidden_layers"]),
-            decoder_heads=int(hf["decoder_num_attention_heads"]),
-            mlp_ratio=mlp_ratio,
-            qkv_bias=bool(hf.get("qv_bias", True)),
-            norm_pix_loss=bool(hf.get("norm_pix_loss", True)),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{where}: not a usable VideoMAE config.json: {e}") from e
-
-
 def save_checkpoint(model: nn.Module, url: str, *, format: str = "vmae") -> str:
-    """Write ``model`` (full, unsharded state) as directory ``url`` in ``format`` ("vmae" or "hf"); returns
-    ``url``. The config file is written last, so its presence marks a complete checkpoint."""
+    """Write ``model`` (full, unsharded state) to ``url`` in ``format``: a directory for "vmae"/"hf", a ``.pth``
+    file for "official"; returns ``url``. A directory's config file is written last, so its presence marks a
+    complete checkpoint. An official pretraining file of an ``encoder_norm=False`` model has no
+    ``encoder.norm`` (the official finetuning loads it; the official pretraining class would not)."""
     if format not in FORMATS:
         raise ValueError(f"checkpoint format must be one of {FORMATS}, got {format!r}")
     model = _unwrap(model)
     state = _cpu_state(model)
-    if format == "hf":
-        tensors = {
-            k: v.clone() for k, v in to_hf(state, _kind(model)).items()
-        }  # split qkv views -> own storage
-        write_bytes_atomic(join(url, WEIGHTS), st_save(tensors, metadata={"format": "pt"}))
-        write_bytes_atomic(join(url, "config.json"), json.dumps(_hf_config(model), indent=2).encode())
+    kind = _kind(model)
+    if format == "official":
+        buffer = io.BytesIO()
+        torch.save({"model": to_official(state, kind)}, buffer)
+        write_bytes_atomic(url, buffer.getvalue())
         return url
-    meta = {"format_version": 1, "kind": _kind(model), "config": dataclasses.asdict(model.cfg)}
+    if format == "hf":
+        tensors = {k: v.clone() for k, v in to_hf(state, kind).items()}  # split qkv views -> own storage
+        num_classes = model.num_classes if kind == CLASSIFIER else None
+        write_bytes_atomic(join(url, WEIGHTS), st_save(tensors, metadata={"format": "pt"}))
+        config = hf_config(model.cfg, kind, num_classes)
+        write_bytes_atomic(join(url, HF_CONFIG), json.dumps(config, indent=2).encode())
+        return url
+    meta = {"format_version": 1, "kind": kind, "config": dataclasses.asdict(model.cfg)}
     if isinstance(model, VideoMAEClassifier):
         meta.update(num_classes=model.num_classes, head_drop=model.head_drop.p)
     write_bytes_atomic(join(url, WEIGHTS), st_save(state, metadata={"format": "pt"}))
@@ -152,75 +101,86 @@ def _read_json(url: str) -> dict:
 
 
 def _read_safetensors(url: str) -> dict[str, torch.Tensor]:
+    if not exists(url):
+        raise ValueError(f"{url}: missing (an incomplete checkpoint directory)")
     try:
         return st_load(read_bytes(url))
     except (SafetensorError, ValueError) as e:
         raise ValueError(f"{url}: not a readable safetensors file: {e}") from e
 
 
-def _read_official(url: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """State dict and the other top-level entries (epoch, ...) of an official ``.pth``."""
+def _read_hf_weights(url: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Weights of a Hugging Face directory and the file they came from: ``model.safetensors``, its sharded
+    form (``model.safetensors.index.json``) or a legacy ``pytorch_model.bin`` (read with weights_only)."""
+    index = join(url, WEIGHTS + ".index.json")
+    if not exists(join(url, WEIGHTS)) and exists(index):
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        if not shards:
+            raise ValueError(f"{index}: no weight_map")
+        return {k: v for shard in shards for k, v in _read_safetensors(join(url, shard)).items()}, index
+    legacy = join(url, HF_LEGACY_WEIGHTS)
+    if not exists(join(url, WEIGHTS)) and exists(legacy):
+        state, _, _ = _read_official(legacy)
+        return state, legacy
+    return _read_safetensors(join(url, WEIGHTS)), join(url, WEIGHTS)
+
+
+def _one_line(error: Exception) -> str:
+    """torch.load's multi-paragraph message cut to its cause (the refused global / operand, the zip error)."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        cause = (
+            text.split("WeightsUnpickler error:", 1)[1]
+            .split("Please use")[0]
+            .split("Check the documentation")[0]
+        )
+        text = f"weights_only load refused: {cause}"
+    return " ".join(text.split())[:300]
+
+
+def _read_official(url: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """State dict, the other scalar top-level entries (epoch, ...) and the saved training ``args`` (as a dict)
+    of an official ``.pth``."""
     data = read_bytes(url)
     try:
-        with torch.serialization.safe_globals(
-            [argparse.Namespace]
-        ):  # official files keep their argparse args
+        # official files keep their argparse args
+        with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt/foreign file
-        raise ValueError(f"{url}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"{url}: not a readable torch checkpoint ({type(e).__name__}: {_one_line(e)})"
+        ) from e
     if not isinstance(obj, dict):
         raise ValueError(f"{url}: expected a dict, found {type(obj).__name__}")
     extra: dict = {}
+    args = obj.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
     for wrapper in ("model", "module"):
         if isinstance(obj.get(wrapper), dict):
             extra = {k: v for k, v in obj.items() if k != wrapper and isinstance(v, int | float | str)}
             obj = obj[wrapper]
             break
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    for prefix in _STRIP_PREFIXES:
+        if obj and all(k.startswith(prefix) for k in obj):
+            obj = {k.removeprefix(prefix): v for k, v in obj.items()}
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad or not obj:
         raise ValueError(f"{url}: expected a state dict of tensors; non-tensor entries {bad[:5]}")
-    return obj, extra
+    return obj, extra, args
 
 
-def _count(state: dict, prefix: str) -> int:
-    return len({int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
-
-
-def infer_config(state: dict[str, torch.Tensor], kind: str, *, where: str = "state") -> VideoMAEConfig:
-    """Architecture from weight shapes (our key names); clip size = paper default 16x224x224."""
+def _kind_of(keys, where: str) -> str:
     try:
-        width, in_chans, tubelet, patch, _ = state["encoder.patch_embed.proj.weight"].shape
-        fields = dict(
-            patch_size=patch,
-            tubelet_size=tubelet,
-            in_chans=in_chans,
-            encoder_width=width,
-            encoder_depth=_count(state, "encoder.blocks."),
-            encoder_heads=_HEADS_BY_WIDTH[width],
-            mlp_ratio=state["encoder.blocks.0.mlp.fc1.weight"].shape[0] / width,
-            qkv_bias="encoder.blocks.0.attn.q_bias" in state,
-        )
-        if kind == PRETRAIN:
-            dec_width = state["encoder_to_decoder.weight"].shape[0]
-            fields.update(
-                decoder_width=dec_width,
-                decoder_depth=_count(state, "decoder.blocks."),
-                decoder_heads=_HEADS_BY_WIDTH[dec_width],
-            )
-        return VideoMAEConfig(**fields)
-    except KeyError as e:
-        raise ValueError(
-            f"{where}: cannot infer the model config (missing {e} or a non-paper width); pass cfg="
-        ) from e
+        return detect_kind(keys)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
 
 
-def _build(kind: str, cfg: VideoMAEConfig, state: dict, head_drop: float = 0.0) -> Model:
+def _build(kind: str, cfg: VideoMAEConfig, state: dict, where: str, head_drop: float = 0.0) -> Model:
     if kind == PRETRAIN:
         return VideoMAE(cfg)
     if "head.weight" not in state:
-        raise ValueError("classifier state has no head.weight")
+        raise ValueError(f"{where}: classifier state has no head.weight")
     return VideoMAEClassifier(cfg, int(state["head.weight"].shape[0]), head_drop=head_drop)
 
 
@@ -248,43 +208,40 @@ def load_checkpoint(url: str, *, cfg: VideoMAEConfig | None = None) -> tuple[Mod
     architecture must match the weights; clip size and objective settings may differ).
 
     Returns ``(model, meta)`` with ``meta = {"format", "kind", "url", "config_inferred", "extra"}``."""
-    weights, vmae_meta, hf_cfg = join(url, WEIGHTS), join(url, VMAE_META), join(url, "config.json")
+    weights, vmae_meta, hf_cfg = join(url, WEIGHTS), join(url, VMAE_META), join(url, HF_CONFIG)
     fs, path = get_fs(url)
     is_dir = fs.isdir(path)
     if not is_dir and not fs.exists(path):
         raise ValueError(f"checkpoint {url!r} does not exist")
     extra: dict = {}
     inferred = False
+    head_drop = 0.0
     if is_dir and exists(vmae_meta):
         fmt, meta = "vmae", _read_json(vmae_meta)
         kind, state = meta.get("kind"), _read_safetensors(weights)
         try:
             stored = VideoMAEConfig(**meta["config"])
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{vmae_meta}: bad config: {e}") from e
         cfg = cfg or stored
         if kind not in (PRETRAIN, CLASSIFIER):
             raise ValueError(f"{vmae_meta}: kind must be {PRETRAIN!r} or {CLASSIFIER!r}, got {kind!r}")
-        model = _build(kind, cfg, state, head_drop=float(meta.get("head_drop", 0.0)))
+        head_drop = float(meta.get("head_drop", 0.0))
     elif is_dir and exists(hf_cfg):
         fmt, hf = "hf", _read_json(hf_cfg)
-        raw = _read_safetensors(weights)
-        kind = detect_kind(raw.keys())
-        if kind == CLASSIFIER and not hf.get("use_mean_pooling", True):
-            raise ValueError(f"{hf_cfg}: use_mean_pooling=false classifiers are not supported")
+        raw, weights = _read_hf_weights(url)
+        kind = _kind_of(raw.keys(), weights)
         state = from_hf(raw, kind)
-        cfg = cfg or _config_from_hf(hf, hf_cfg)
-        model = _build(kind, cfg, state)
-        weights = url
+        cfg = cfg or config_from_hf(hf, kind, hf_cfg)
     elif is_dir:
-        raise ValueError(f"{url}: directory holds neither {VMAE_META} (vmae) nor config.json (hf)")
+        raise ValueError(f"{url}: directory holds neither {VMAE_META} (vmae) nor {HF_CONFIG} (hf)")
     else:
         fmt, weights = "official", url
-        raw, extra = _read_official(url)
-        kind = detect_kind(raw.keys())
+        raw, extra, args = _read_official(url)
+        kind = _kind_of(raw.keys(), url)
         state = from_official(raw, kind)
         if cfg is None:
-            cfg, inferred = infer_config(state, kind, where=url), True
-        model = _build(kind, cfg, state)
+            cfg, inferred = infer_config(state, kind, where=url, args=args), True
+    model = _build(kind, cfg, state, weights, head_drop=head_drop)
     _load_into(model, state, weights)
     return model, {"format": fmt, "kind": kind, "url": url, "config_inferred": inferred, "extra": extra}

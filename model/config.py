@@ -4,6 +4,11 @@ Why here: the model, FLOP counter, checkpoint loader and every job build from th
 jobs make one by name (``get_config("vit_b", drop_path_rate=0.1)``) or from YAML through ``jobs.config``. It is
 the one home of the clip geometry and the mask settings: the loader gets them as :meth:`VideoMAEConfig.clip_spec`.
 
+Variants of the checkpoints users download are fields with the official names, not classes: ``qkv_bias``,
+``use_mean_pooling`` (classifier pooling), ``encoder_norm`` (the pretraining encoder's final LayerNorm, absent from
+Hugging Face ``use_mean_pooling=True`` pretraining models) and VideoMAE V2's dual masking
+(``decoder_mask_type``/``decoder_mask_ratio``, masks drawn by ``pipeline.decoder_masking``).
+
 Token grid: a clip ``[C, T, H, W]`` becomes ``T' x H' x W'`` tubelets with ``T' = T / tubelet_size`` and
 ``H' = H / patch_size`` (same for W); tokens are ordered ``(t, h, w)`` as in the official implementation.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from pipeline.decoder_masking import check_decoder_mask, num_decoder_kept
 from pipeline.masking import MASK_TYPES, ClipSpec, num_masked
 
 
@@ -41,6 +47,15 @@ class VideoMAEConfig:
     # near-flat patch's few levels of codec noise a unit-variance target; small, heavily compressed clips
     # (the CPU studies: 32 px, H.264 4:2:0) want ~0.01
     norm_pix_eps: float = 1e-6
+    # classifier: mean over all tokens -> fc_norm (True, official default), or the encoder's final norm -> the first
+    # token (False: official ``--use_cls``, HF ``use_mean_pooling=false``; there is no CLS token)
+    use_mean_pooling: bool = True
+    # pretraining model: the encoder ends in a LayerNorm (official); HF use_mean_pooling=true pretraining has none
+    encoder_norm: bool = True
+    # VideoMAE V2 dual masking: "run_cell" decoders reconstruct only the tokens a data-side decoder mask keeps
+    # (pipeline.decoder_masking); "none" reconstructs every masked token (VideoMAE)
+    decoder_mask_type: str = "none"
+    decoder_mask_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -63,6 +78,9 @@ class VideoMAEConfig:
             width, heads = getattr(self, f"{side}_width"), getattr(self, f"{side}_heads")
             if width % heads:
                 raise ValueError(f"model.{side}_width ({width}) must be divisible by {side}_heads ({heads})")
+        for name in ("qkv_bias", "norm_pix_loss", "use_mean_pooling", "encoder_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model.{name} must be a bool, got {getattr(self, name)!r}")
         if not self.mlp_ratio > 0 or int(self.encoder_width * self.mlp_ratio) <= 0:
             raise ValueError(f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
         if not self.norm_pix_eps > 0:
@@ -77,6 +95,10 @@ class VideoMAEConfig:
             raise ValueError(
                 f"model.mask_ratio {self.mask_ratio} masks no token of a {self.grid[1]}x{self.grid[2]} grid"
             )
+        try:
+            check_decoder_mask(self.grid[1], self.grid[2], self.decoder_mask_ratio, self.decoder_mask_type)
+        except ValueError as e:
+            raise ValueError(f"model.{e}") from e
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -99,6 +121,12 @@ class VideoMAEConfig:
     def num_masked(self) -> int:
         """Masked tokens per clip for ``mask_type``/``mask_ratio`` (exact; both mask types keep it fixed)."""
         return num_masked(*self.grid, self.mask_ratio, self.mask_type)
+
+    @property
+    def num_decoded(self) -> int:
+        """Tokens per clip the decoder reconstructs: every masked token, or those a decoder mask keeps."""
+        kept = num_decoder_kept(*self.grid, self.decoder_mask_ratio, self.decoder_mask_type)
+        return self.num_masked if kept is None else kept
 
     def clip_spec(self, *, masking: bool = True) -> ClipSpec:
         """The clip this model consumes, for the loader: its size and, for pretraining (``masking``), its mask;
@@ -147,17 +175,19 @@ def tiny(**overrides) -> VideoMAEConfig:
 
 
 def vit_s(**overrides) -> VideoMAEConfig:
-    """ViT-S/16 (paper): width 384, depth 12, 6 heads; decoder 4 x 384, 6 heads."""
-    return _make(dict(encoder_width=384, encoder_depth=12, encoder_heads=6), overrides)
+    """ViT-S/16 (official ``pretrain_videomae_small_patch16_224``): width 384, depth 12, 6 heads; decoder 4 x 192,
+    3 heads."""
+    defaults = dict(encoder_width=384, encoder_depth=12, encoder_heads=6, decoder_width=192, decoder_heads=3)
+    return _make(defaults, overrides)
 
 
 def vit_b(**overrides) -> VideoMAEConfig:
-    """ViT-B/16 (paper): width 768, depth 12, 12 heads; decoder 4 x 384, 6 heads."""
+    """ViT-B/16 (official ``pretrain_videomae_base_patch16_224``): width 768, depth 12, 12 heads; decoder 4 x 384, 6 heads."""
     return _make(dict(encoder_width=768, encoder_depth=12, encoder_heads=12), overrides)
 
 
 def vit_l(**overrides) -> VideoMAEConfig:
-    """ViT-L/16 (paper): width 1024, depth 24, 16 heads; decoder 4 x 512, 8 heads."""
+    """ViT-L/16 (official ``pretrain_videomae_large_patch16_224``): width 1024, depth 24, 16 heads; decoder 4 x 512, 8 heads."""
     defaults = dict(
         encoder_width=1024, encoder_depth=24, encoder_heads=16, decoder_width=512, decoder_heads=8
     )
@@ -165,9 +195,26 @@ def vit_l(**overrides) -> VideoMAEConfig:
 
 
 def vit_h(**overrides) -> VideoMAEConfig:
-    """ViT-H/16 (paper): width 1280, depth 32, 16 heads; decoder 4 x 512, 8 heads."""
+    """ViT-H/16 (official ``pretrain_videomae_huge_patch16_224``): width 1280, depth 32, 16 heads; decoder 4 x 640,
+    8 heads (VideoMAE V2's ViT-H decoder is 512 wide: ``decoder_width=512``)."""
     defaults = dict(
-        encoder_width=1280, encoder_depth=32, encoder_heads=16, decoder_width=512, decoder_heads=8
+        encoder_width=1280, encoder_depth=32, encoder_heads=16, decoder_width=640, decoder_heads=8
+    )
+    return _make(defaults, overrides)
+
+
+def vit_g(**overrides) -> VideoMAEConfig:
+    """ViT-g/14 (VideoMAE V2 ``pretrain_videomae_giant_patch14_224``): patch 14, width 1408, depth 40, 16 heads,
+    MLP ratio 48/11 (hidden 6144); decoder 4 x 512, 8 heads. V2 pretrains it with ``decoder_mask_type="run_cell"``,
+    ``decoder_mask_ratio=0.5``, which needs the loader to draw decoder masks (``pipeline.decoder_masking``)."""
+    defaults = dict(
+        patch_size=14,
+        encoder_width=1408,
+        encoder_depth=40,
+        encoder_heads=16,
+        mlp_ratio=48 / 11,
+        decoder_width=512,
+        decoder_heads=8,
     )
     return _make(defaults, overrides)
 
@@ -178,6 +225,7 @@ CONFIGS: dict[str, Callable[..., VideoMAEConfig]] = {
     "vit_b": vit_b,
     "vit_l": vit_l,
     "vit_h": vit_h,
+    "vit_g": vit_g,
 }
 
 

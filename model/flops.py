@@ -5,8 +5,9 @@ scores and values, projections, MLPs, encoder-to-decoder, prediction head); norm
 are left out (< 1% for ViTs), as in fvcore counts. The paper's "180 GFLOPs" for ViT-B 16x224 is fvcore's
 multiply-add count: it equals ``encoder_flops(vit_b, 1568) / 2``.
 
-Pretraining forward = patch embedding on all ``L`` tokens + encoder on the ``N`` visible tokens + decoder on all
-``L`` tokens + head on the ``M`` masked ones. Forward+backward is 3x forward (backward computes the gradient
+Pretraining forward = patch embedding on all ``L`` tokens + encoder on the ``N`` visible tokens + decoder on the
+``N`` visible tokens and ``K`` mask tokens + head on the ``K``. ``K = M`` (every masked token, so the decoder sees
+all ``L``) unless VideoMAE V2 decoder masking keeps fewer (``cfg.decoder_mask_type``). Forward+backward is 3x forward (backward computes the gradient
 w.r.t. both inputs and weights of each matmul: 2x forward) minus the patch embedding's input gradient, which
 nothing needs (the video does not require grad).
 """
@@ -17,6 +18,7 @@ import torch
 
 from model.config import VideoMAEConfig
 from model.videomae import VideoMAE, VideoMAEClassifier
+from pipeline.decoder_masking import num_decoder_kept
 from pipeline.masking import num_masked
 
 
@@ -48,13 +50,16 @@ def _num_masked(cfg: VideoMAEConfig, mask_ratio: float | None) -> int:
 
 
 def pretrain_forward_flops(cfg: VideoMAEConfig, mask_ratio: float | None = None) -> int:
-    """Forward FLOPs of one pretraining clip (``mask_ratio`` defaults to ``cfg.mask_ratio``)."""
+    """Forward FLOPs of one pretraining clip (``mask_ratio`` defaults to ``cfg.mask_ratio``), with the decoder
+    masking of ``cfg``."""
     masked = _num_masked(cfg, mask_ratio)
     visible = cfg.num_patches - masked
+    kept = num_decoder_kept(*cfg.grid, cfg.decoder_mask_ratio, cfg.decoder_mask_type)
+    decoded = masked if kept is None else kept
     enc = encoder_flops(cfg, visible)
     to_dec = 2 * visible * cfg.encoder_width * cfg.decoder_width
-    dec = cfg.decoder_depth * block_flops(cfg.num_patches, cfg.decoder_width, cfg.decoder_mlp_hidden)
-    head = 2 * masked * cfg.decoder_width * cfg.patch_dim
+    dec = cfg.decoder_depth * block_flops(visible + decoded, cfg.decoder_width, cfg.decoder_mlp_hidden)
+    head = 2 * decoded * cfg.decoder_width * cfg.patch_dim
     return enc + to_dec + dec + head
 
 

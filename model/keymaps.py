@@ -1,11 +1,12 @@
 """State-dict key mappings between our modules, the official MCG-NJU VideoMAE ``.pth`` files and Hugging Face
 ``VideoMAEForPreTraining`` / ``VideoMAEForVideoClassification``. Written once, used by load and save.
 
-Our names are the official pretraining names, so the official pretrain mapping is the identity; official
-finetune files drop the ``encoder.`` prefix. Hugging Face splits the fused ``qkv`` weight ``[3D, D]`` into
-``query/key/value`` ``[D, D]`` each; the key has no bias, ``q_bias``/``v_bias`` are written under the Hub's names
-(``attention.attention.q_bias``) which every transformers version loads (5.x renames them to
-``query.bias``/``value.bias``; both spellings are read here).
+Our names are the official pretraining names (MCG-NJU VideoMAE and OpenGVLab VideoMAE V2 share one layout), so
+the official pretrain mapping is the identity; official finetune files drop the ``encoder.`` prefix (their final
+``norm`` of the ``--use_cls`` variant is our ``encoder.norm``). Hugging Face splits the fused ``qkv`` weight
+``[3D, D]`` into ``query/key/value`` ``[D, D]`` each; the key has no bias, ``q_bias``/``v_bias`` are written under
+the Hub's names (``attention.attention.q_bias``), which transformers 4.x loads as parameters and 5.x renames on
+load to ``query.bias``/``value.bias``; both spellings are read here, so the biases survive either way.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ _TOP_TO_HF = {
     },
     CLASSIFIER: {
         "encoder.patch_embed.proj": "videomae.embeddings.patch_embeddings.projection",
+        "encoder.norm": "videomae.layernorm",  # use_mean_pooling=false: final norm, first token
         "fc_norm": "fc_norm",
         "head": "classifier",
     },

@@ -5,8 +5,9 @@ Read top to bottom: patchify helpers -> encoder (visible tokens only) -> decoder
 MCG-NJU code (``encoder.blocks.N.attn.qkv``, ``encoder_to_decoder``, ``mask_token``, ``decoder.head`` ...).
 
 Legend: ``B`` batch, ``C`` channels, ``T/H/W`` frames/pixels, ``L`` tokens per clip (``T'*H'*W'``), ``N``
-visible tokens, ``M`` masked tokens, ``D`` encoder width, ``E`` decoder width, ``P`` pixels per token
-(``tubelet*patch*patch*C``). Masks are bool ``[B, L]``, True = masked, tokens ordered ``(t, h, w)``.
+visible tokens, ``M`` masked tokens, ``K`` tokens the decoder reconstructs (``M``, or those a VideoMAE V2 decoder
+mask keeps), ``D`` encoder width, ``E`` decoder width, ``P`` pixels per token (``tubelet*patch*patch*C``). Masks
+are bool ``[B, L]``, True = masked (decoder mask: True = not reconstructed), tokens ordered ``(t, h, w)``.
 Videos are ImageNet-normalised (``(x/255 - mean) / std``) when ``C == 3``.
 """
 
@@ -20,7 +21,6 @@ from torch import nn
 from model.config import VideoMAEConfig
 from model.layers import LN_EPS, PatchEmbed, make_blocks, sinusoid_table
 from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
-
 
 
 def patchify(video_BCTHW: torch.Tensor, *, patch_size: int, tubelet_size: int) -> torch.Tensor:
@@ -87,7 +87,7 @@ class VideoMAEEncoder(nn.Module):
 
 
 class VideoMAEDecoder(nn.Module):
-    """Narrow ViT over all ``L`` tokens; predicts the pixels ``P`` of the last ``M`` (the mask tokens)."""
+    """Narrow ViT over the visible tokens and ``K`` mask tokens; predicts the pixels ``P`` of the last ``K``."""
 
     def __init__(self, cfg: VideoMAEConfig) -> None:
         super().__init__()
@@ -103,10 +103,10 @@ class VideoMAEDecoder(nn.Module):
         self.norm = nn.LayerNorm(e, eps=LN_EPS)
         self.head = nn.Linear(e, cfg.patch_dim)
 
-    def forward(self, x_BLE: torch.Tensor, num_masked: int) -> torch.Tensor:
+    def forward(self, x_BSE: torch.Tensor, num_predicted: int) -> torch.Tensor:
         for block in self.blocks:
-            x_BLE = block(x_BLE)
-        return self.head(self.norm(x_BLE[:, -num_masked:]))
+            x_BSE = block(x_BSE)
+        return self.head(self.norm(x_BSE[:, -num_predicted:]))
 
 
 def time_pool(x_BLD: torch.Tensor, num_slices: int) -> torch.Tensor:
@@ -151,7 +151,7 @@ class VideoMAE(nn.Module):
         if not isinstance(cfg, VideoMAEConfig):
             raise ValueError(f"cfg must be a VideoMAEConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        self.encoder = VideoMAEEncoder(cfg)
+        self.encoder = VideoMAEEncoder(cfg, final_norm=cfg.encoder_norm)
         self.encoder_to_decoder = nn.Linear(cfg.encoder_width, cfg.decoder_width, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_width))
         self.register_buffer(
@@ -198,11 +198,10 @@ class VideoMAE(nn.Module):
         return x_BLKC.flatten(-2)
 
     # ---- masking -----------------------------------------------------------------------------------------
-    def _split(
-        self, mask_BL: torch.Tensor, batch: int, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices of visible ``[B, N]`` and masked ``[B, M]`` tokens on ``device``, each in token order.
-        Computed where the mask lives (a CPU mask from the loader costs the GPU no sync)."""
+    def _order(self, mask_BL: torch.Tensor, batch: int, name: str, what: str) -> tuple[torch.Tensor, int]:
+        """Token indices ``[B, L]`` with the False positions first, each part in token order, and the number of
+        True per sample (checked equal across the batch). Sorted where the mask lives (a CPU mask from the
+        loader costs the GPU no sync)."""
         L = self.cfg.num_patches
         if (
             not isinstance(mask_BL, torch.Tensor)
@@ -210,41 +209,84 @@ class VideoMAE(nn.Module):
             or mask_BL.shape != (batch, L)
         ):
             got = (tuple(mask_BL.shape), mask_BL.dtype) if isinstance(mask_BL, torch.Tensor) else mask_BL
-            raise ValueError(f"mask must be a bool tensor [B, L] = [{batch}, {L}] (True = masked), got {got}")
-        counts_B = mask_BL.sum(dim=1)
-        num_masked = int(counts_B[0])
-        if not bool((counts_B == num_masked).all()):
             raise ValueError(
-                f"mask must mask the same number of tokens in every sample, got {counts_B.tolist()}"
+                f"{name} must be a bool tensor [B, L] = [{batch}, {L}] (True = {what}), got {got}"
             )
+        counts_B = mask_BL.sum(dim=1)
+        count = int(counts_B[0])
+        if not bool((counts_B == count).all()):
+            raise ValueError(
+                f"{name} must mask the same number of tokens in every sample, got {counts_B.tolist()}"
+            )
+        return torch.argsort(mask_BL.to(torch.uint8), dim=1, stable=True), count
+
+    def _split(
+        self, mask_BL: torch.Tensor, batch: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of visible ``[B, N]`` and masked ``[B, M]`` tokens on ``device``, each in token order."""
+        L = self.cfg.num_patches
+        order_BL, num_masked = self._order(mask_BL, batch, "mask", "masked")
         if not 0 < num_masked < L:
             raise ValueError(
                 f"mask must mask between 1 and L-1 = {L - 1} tokens per sample, got {num_masked}"
             )
-        order_BL = torch.argsort(mask_BL.to(torch.uint8), dim=1, stable=True).to(device)
+        order_BL = order_BL.to(device)
         return order_BL[:, : L - num_masked], order_BL[:, L - num_masked :]
 
+    def _decoded(
+        self, mask_BL: torch.Tensor, decoder_mask_BL: torch.Tensor, batch: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """VideoMAE V2 dual masking: indices ``[B, K]`` of the tokens the decoder mask keeps (token order) and
+        their loss weights ``[B, K]`` (1 where the encoder did not see the token, else 0)."""
+        L = self.cfg.num_patches
+        order_BL, dropped = self._order(decoder_mask_BL, batch, "decoder_mask", "not reconstructed")
+        if dropped == L:
+            raise ValueError("decoder_mask must keep at least one token per sample, it drops all")
+        kept_BK = order_BL[:, : L - dropped]
+        weight_BK = torch.gather(mask_BL.to(kept_BK.device), 1, kept_BK)
+        if not bool(weight_BK.any()):
+            raise ValueError("decoder_mask keeps none of the masked tokens: nothing to reconstruct")
+        return kept_BK.to(device), weight_BK.to(device)
+
     # ---- forward -----------------------------------------------------------------------------------------
-    def forward(self, video_BCTHW: torch.Tensor, mask_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(loss, pred)``: scalar MSE over the masked tokens (float32) and predictions ``[B, M, P]``
-        of the masked tokens in token order."""
+    def forward(
+        self, video_BCTHW: torch.Tensor, mask_BL: torch.Tensor, decoder_mask_BL: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(loss, pred)``: scalar MSE (float32) and predictions ``[B, K, P]`` in token order.
+
+        Without ``decoder_mask`` the decoder reconstructs every masked token (``K = M``). With one (VideoMAE V2,
+        ``pipeline.decoder_masking``) it runs on the visible tokens plus mask tokens at the ``K`` positions the
+        decoder mask keeps, and the loss is the mean over those kept positions the encoder did not see."""
         _check_video(self.cfg, video_BCTHW)
         B = video_BCTHW.shape[0]
         visible_BN, masked_BM = self._split(mask_BL, B, video_BCTHW.device)
+        decoded_BK, weight_BK = masked_BM, None
+        if decoder_mask_BL is not None:
+            decoded_BK, weight_BK = self._decoded(mask_BL, decoder_mask_BL, B, video_BCTHW.device)
         x_BND = self.encoder(video_BCTHW, visible_BN)
         x_BNE = self.encoder_to_decoder(x_BND)
         pos_BLE = self.decoder_pos_embed.to(dtype=x_BNE.dtype).expand(B, -1, -1)
-        x_BLE = torch.cat(
+        x_BSE = torch.cat(
             [
                 x_BNE + _gather_tokens(pos_BLE, visible_BN),
-                self.mask_token.to(x_BNE.dtype) + _gather_tokens(pos_BLE, masked_BM),
+                self.mask_token.to(x_BNE.dtype) + _gather_tokens(pos_BLE, decoded_BK),
             ],
             dim=1,
         )
-        pred_BMP = self.decoder(x_BLE, masked_BM.shape[1])
-        target_BMP = _gather_tokens(self.target(video_BCTHW), masked_BM)
-        loss = F.mse_loss(pred_BMP.float(), target_BMP)
-        return loss, pred_BMP
+        pred_BKP = self.decoder(x_BSE, decoded_BK.shape[1])
+        target_BKP = _gather_tokens(self.target(video_BCTHW), decoded_BK)
+        return self.forward_loss(pred_BKP, target_BKP, weight_BK), pred_BKP
+
+    @staticmethod
+    def forward_loss(
+        pred_BKP: torch.Tensor, target_BKP: torch.Tensor, weight_BK: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean squared error (float32) over all predicted tokens, or over the tokens with ``weight`` 1."""
+        if weight_BK is None:
+            return F.mse_loss(pred_BKP.float(), target_BKP)
+        per_token_BK = (pred_BKP.float() - target_BKP).pow(2).mean(dim=-1)
+        weight_BK = weight_BK.to(per_token_BK.dtype)
+        return (per_token_BK * weight_BK).sum() / weight_BK.sum()
 
     def forward_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
         """Clip embedding ``[B, D]`` for probing: encoder over all tokens, mean-pooled, then layer-normalised
@@ -269,7 +311,8 @@ class VideoMAE(nn.Module):
         oracle_stats: bool = False,
     ) -> torch.Tensor:
         """Video ``[B, C, T, H, W]`` in unnormalised pixel units (``[0, 1]`` for RGB, not clamped): visible
-        tubelets copied from the input, masked ones from ``pred``.
+        tubelets copied from the input, masked ones from ``pred`` (of every masked token: a forward without
+        decoder mask).
 
         With ``norm_pix_loss`` the prediction is per-tubelet normalised; it is mapped back with the mean of the
         visible tubelets' per-channel means and stds (no ground truth leaks), or, with ``oracle_stats``, with
@@ -299,8 +342,9 @@ class VideoMAE(nn.Module):
 
 
 class VideoMAEClassifier(nn.Module):
-    """Finetuning model: the same ``encoder`` (no final norm, as the official mean-pooling variant), mean-pool
-    over all tokens, ``fc_norm``, dropout, linear ``head``. ``forward(video) -> logits [B, num_classes]``."""
+    """Finetuning model: the same ``encoder``, pooled, dropout, linear ``head``; ``forward(video) -> logits
+    [B, num_classes]``. ``use_mean_pooling`` (official default): no final encoder norm, mean over all tokens,
+    ``fc_norm``. Otherwise (official ``--use_cls``): final encoder norm, then the first token (no CLS token)."""
 
     def __init__(
         self, cfg: VideoMAEConfig, num_classes: int, *, head_drop: float = 0.0, init_scale: float = 0.001
@@ -314,8 +358,8 @@ class VideoMAEClassifier(nn.Module):
             raise ValueError(f"head_drop must be in [0, 1), got {head_drop}")
         self.cfg = cfg
         self.num_classes = num_classes
-        self.encoder = VideoMAEEncoder(cfg, final_norm=False)
-        self.fc_norm = nn.LayerNorm(cfg.encoder_width, eps=LN_EPS)
+        self.encoder = VideoMAEEncoder(cfg, final_norm=not cfg.use_mean_pooling)
+        self.fc_norm = nn.LayerNorm(cfg.encoder_width, eps=LN_EPS) if cfg.use_mean_pooling else None
         self.head_drop = nn.Dropout(head_drop)
         self.head = nn.Linear(cfg.encoder_width, num_classes)
         _init_linear_ln(self, lambda w: nn.init.trunc_normal_(w, std=0.02))
@@ -325,10 +369,11 @@ class VideoMAEClassifier(nn.Module):
     def forward_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
         """Pooled, normalised clip embedding ``[B, D]``."""
         _check_video(self.cfg, video_BCTHW)
-        return self.fc_norm(self.encoder(video_BCTHW).mean(dim=1))
+        x_BLD = self.encoder(video_BCTHW)
+        return x_BLD[:, 0] if self.fc_norm is None else self.fc_norm(x_BLD.mean(dim=1))
 
     def forward_tokens(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
-        """Encoder output over all ``L`` tokens ``[B, L, D]`` (no final norm, order ``(t, h, w)``)."""
+        """Encoder output over all ``L`` tokens ``[B, L, D]`` (final norm only without mean pooling)."""
         _check_video(self.cfg, video_BCTHW)
         return self.encoder(video_BCTHW)
 
@@ -343,8 +388,8 @@ class VideoMAEClassifier(nn.Module):
 
     def from_pretrained_encoder(self, state: dict[str, torch.Tensor]) -> list[str]:
         """Copy encoder weights from a ``VideoMAE.state_dict()`` (keys ``encoder.*``); returns the keys it
-        ignored (decoder, ``encoder.norm`` — replaced by ``fc_norm`` as in the official finetuning). Raises
-        ``ValueError`` naming missing encoder keys or shape mismatches."""
+        ignored (decoder; ``encoder.norm`` under mean pooling, where ``fc_norm`` replaces it as in the official
+        finetuning). Raises ``ValueError`` naming missing encoder keys or shape mismatches."""
         own = {k: v for k, v in self.state_dict().items() if k.startswith("encoder.")}
         missing = sorted(set(own) - set(state))
         if missing:

@@ -1,4 +1,5 @@
 import argparse
+import dataclasses
 import os
 
 import pytest
@@ -40,15 +41,16 @@ def _same_pretrain(a, b, cfg=CFG):
     assert torch.equal(pa, pb) and torch.equal(la, lb)
 
 
-@pytest.mark.parametrize("fmt", ["vmae", "hf"])
+@pytest.mark.parametrize("fmt", ["vmae", "hf", "official"])
 def test_roundtrip_pretrain_and_classifier(tmp_path, fmt):
     model = _pretrain()
-    loaded, meta = load_checkpoint(save_checkpoint(model, str(tmp_path / "p"), format=fmt))
+    cfg = CFG if fmt == "official" else None  # tiny's 32-wide decoder has no conventional head count
+    loaded, meta = load_checkpoint(save_checkpoint(model, str(tmp_path / "p"), format=fmt), cfg=cfg)
     assert isinstance(loaded, VideoMAE) and meta["format"] == fmt and meta["kind"] == PRETRAIN
     assert loaded.cfg == model.cfg if fmt == "vmae" else loaded.cfg.encoder_width == 64
     _same_pretrain(model, loaded)
     clf = _classifier()
-    loaded, meta = load_checkpoint(save_checkpoint(clf, str(tmp_path / "c"), format=fmt))
+    loaded, meta = load_checkpoint(save_checkpoint(clf, str(tmp_path / "c"), format=fmt), cfg=cfg)
     assert isinstance(loaded, VideoMAEClassifier) and loaded.num_classes == 5 and meta["kind"] == CLASSIFIER
     x, _ = _inputs()
     with torch.no_grad():
@@ -166,13 +168,20 @@ def test_official_config_inferred_from_shapes(tmp_path):
         2,
         6,
     )
-    assert (got.decoder_width, got.decoder_depth, got.decoder_heads, got.patch_size) == (384, 1, 6, 16)
+    assert (got.decoder_width, got.decoder_depth, got.decoder_heads, got.patch_size) == (192, 1, 3, 16)
     assert (got.img_size, got.num_frames) == (224, 16)  # paper clip: positions are fixed, not stored
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
-    tiny = str(tmp_path / "tiny.pth")
-    torch.save({"model": official_state_dict(_pretrain())}, tiny)
-    with pytest.raises(ValueError, match="cannot infer the model config.*pass cfg="):
-        load_checkpoint(tiny)
+    # the file's saved training args fix the clip; heads of other widths follow 64 per head
+    sd = official_state_dict(_pretrain(get_config("tiny", encoder_width=128, decoder_width=64)))
+    torch.save({"model": sd, "args": argparse.Namespace(num_frames=4, input_size=32)}, path)
+    got = load_checkpoint(path)[0].cfg
+    assert (got.img_size, got.num_frames, got.encoder_heads, got.decoder_heads) == (32, 4, 2, 1)
+    odd = str(tmp_path / "odd.pth")
+    torch.save({"model": official_state_dict(_pretrain(get_config("tiny", encoder_width=96)))}, odd)
+    with pytest.raises(
+        ValueError, match=f"{odd}: cannot determine the model architecture: encoder_heads: width 96"
+    ):
+        load_checkpoint(odd)
 
 
 def test_mismatched_and_corrupt_files_raise_clear_errors(tmp_path):
@@ -238,3 +247,34 @@ def test_roundtrip_through_s3(s3_bucket):
     loaded, meta = load_checkpoint(url)
     assert meta["url"] == url
     _same_pretrain(model, loaded)
+
+
+def test_any_width_and_depth_inferred_from_weights(tmp_path):
+    """Widths, depths, MLP ratio, patch/tubelet (Conv3d kernel), channels, q/v bias, final norm and decoder all
+    come from the shapes; heads follow 64 per head."""
+    cfg = get_config(
+        "tiny",
+        img_size=32,
+        patch_size=8,
+        tubelet_size=1,
+        num_frames=2,
+        in_chans=1,
+        encoder_width=256,
+        encoder_depth=3,
+        encoder_heads=4,
+        mlp_ratio=2.0,
+        qkv_bias=False,
+        encoder_norm=False,
+        decoder_width=128,
+        decoder_depth=2,
+        decoder_heads=2,
+    )
+    model = _pretrain(cfg)
+    path = str(tmp_path / "any.pth")
+    save_checkpoint(model, path, format="official")
+    got, meta = load_checkpoint(path)
+    arch = [f.name for f in dataclasses.fields(cfg) if f.name not in ("img_size", "num_frames", "mask_ratio")]
+    assert meta["config_inferred"] and {k: getattr(got.cfg, k) for k in arch} == {
+        k: getattr(cfg, k) for k in arch
+    }
+    assert all(torch.equal(v, got.state_dict()[k]) for k, v in model.state_dict().items())

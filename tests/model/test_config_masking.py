@@ -5,11 +5,11 @@ import pytest
 from jobs.config import load_config
 from model import CONFIGS, VideoMAEConfig, get_config
 
-PAPER = {  # name: (width, depth, heads, decoder width, decoder heads)
-    "vit_s": (384, 12, 6, 384, 6),
+PAPER = {  # name: (width, depth, heads, decoder width, decoder heads), official pretrain_videomae_*_patch16_224
+    "vit_s": (384, 12, 6, 192, 3),
     "vit_b": (768, 12, 12, 384, 6),
     "vit_l": (1024, 24, 16, 512, 8),
-    "vit_h": (1280, 32, 16, 512, 8),
+    "vit_h": (1280, 32, 16, 640, 8),
 }
 
 
@@ -36,8 +36,22 @@ def test_paper_sizes(name):
     assert cfg.num_masked == 8 * round(0.9 * 196)
 
 
+def test_vit_g_is_videomae_v2_giant():
+    cfg = get_config("vit_g")
+    assert (cfg.patch_size, cfg.encoder_width, cfg.encoder_depth, cfg.encoder_heads) == (14, 1408, 40, 16)
+    assert (cfg.encoder_mlp_hidden, cfg.decoder_width, cfg.decoder_heads, cfg.decoder_mlp_hidden) == (
+        6144,
+        512,
+        8,
+        2234,
+    )
+    assert cfg.grid == (8, 16, 16) and cfg.patch_dim == 1176
+    v2 = get_config("vit_g", decoder_mask_type="run_cell", decoder_mask_ratio=0.5)
+    assert v2.num_decoded == 1024
+
+
 def test_registry_and_overrides():
-    assert set(CONFIGS) == {"tiny", "vit_s", "vit_b", "vit_l", "vit_h"}
+    assert set(CONFIGS) == {"tiny", "vit_s", "vit_b", "vit_l", "vit_h", "vit_g"}
     cfg = get_config("vit_b", drop_path_rate=0.1, mask_ratio=0.75)
     assert cfg.drop_path_rate == 0.1 and cfg.mask_ratio == 0.75 and cfg.encoder_width == 768
     tiny = get_config("tiny")
@@ -62,6 +76,7 @@ def test_registry_and_overrides():
         ("patch_size", 0, "patch_size must be a positive int"),
         ("mask_type", "block", "mask_type must be one of"),
         ("mlp_ratio", 0.0, "mlp_ratio"),
+        ("use_mean_pooling", 1, "use_mean_pooling must be a bool"),
     ],
 )
 def test_config_validation(field, value, message):

@@ -8,12 +8,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from jobs.cli import main
 from model import VideoMAE, VideoMAEClassifier, get_config
 from model.flops import (
+    block_flops,
     classifier_forward_flops,
     classifier_param_count,
     param_counts,
     pretrain_forward_flops,
     pretrain_train_flops,
 )
+from pipeline.decoder_masking import decoder_masks
 from pipeline.masking import tube_mask
 
 
@@ -24,20 +26,34 @@ def _count(fn) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("overrides", [{}, {"mask_ratio": 0.5, "encoder_depth": 3}, {"mask_type": "random"}])
+RUN_CELL = {"decoder_mask_type": "run_cell", "decoder_mask_ratio": 0.5}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"mask_ratio": 0.5, "encoder_depth": 3},
+        {"mask_type": "random"},
+        RUN_CELL,
+        {**RUN_CELL, "decoder_mask_ratio": 0.75},
+    ],
+)
 def test_analytic_flops_match_torch_flop_counter(overrides):
     cfg = get_config("tiny", **overrides)
     model = VideoMAE(cfg)
     batch = 3
     x = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
-    mask = tube_mask(batch, *cfg.grid, cfg.mask_ratio, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    mask = tube_mask(batch, *cfg.grid, cfg.mask_ratio, g)
     if cfg.mask_type == "random":
         mask = torch.zeros_like(mask)
         mask[:, : cfg.num_masked] = True
-    assert _count(lambda: model(x, mask)) == batch * pretrain_forward_flops(cfg)
+    dmask = decoder_masks(cfg.grid, cfg.decoder_mask_type, cfg.decoder_mask_ratio, [g] * batch)
+    assert _count(lambda: model(x, mask, dmask)) == batch * pretrain_forward_flops(cfg)
 
     def step():
-        loss, _ = model(x, mask)
+        loss, _ = model(x, mask, dmask)
         loss.backward()
 
     assert _count(step) == batch * pretrain_train_flops(cfg)
@@ -84,3 +100,28 @@ def test_model_info_cli(capsys):
     assert info["gflops_per_clip"]["pretrain_fwd_bwd"] == pytest.approx(pretrain_train_flops(cfg) / 1e9)
     assert main(["model-info", "--model", "tiny", "--set", "bogus=1"]) == 2
     assert "unknown key(s) ['bogus']" in capsys.readouterr().err
+
+
+def test_decoder_masking_saving_in_model_info(capsys):
+    """VideoMAE V2's running cell at 0.5 halves the decoder's mask tokens; model-info shows the saving."""
+    cfg = get_config("vit_b", **RUN_CELL)
+    full = get_config("vit_b")
+    assert cfg.num_decoded == 784 and pretrain_train_flops(cfg) < pretrain_train_flops(full)
+    saved = pretrain_forward_flops(full) - pretrain_forward_flops(cfg)
+    dec_full = 4 * block_flops(1568, 384, 1536) + 2 * 1408 * 384 * 1536
+    dec_kept = 4 * block_flops(160 + 784, 384, 1536) + 2 * 784 * 384 * 1536
+    assert saved == dec_full - dec_kept
+    argv = [
+        "model-info",
+        "--model",
+        "vit_b",
+        "--set",
+        "decoder_mask_type=run_cell",
+        "--set",
+        "decoder_mask_ratio=0.5",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "decoder mask  run_cell 0.5: decoder reconstructs 784 tokens instead of 1408" in out
+    assert f"vs {pretrain_train_flops(full) / 1e9:.2f} GFLOPs" in out
+    assert main(["model-info", "--model", "vit_b"]) == 0 and "decoder mask" not in capsys.readouterr().out

@@ -227,3 +227,21 @@ def test_classifier_takes_pretrained_encoder():
     other = VideoMAE(get_config("tiny", encoder_width=32, encoder_heads=2))
     with pytest.raises(ValueError, match="shapes do not match"):
         clf.from_pretrained_encoder(other.state_dict())
+
+
+def test_pooling_and_final_norm_variants():
+    """``use_mean_pooling=False``: final encoder norm, then the first token (official ``--use_cls``, no CLS
+    token); ``encoder_norm=False``: a pretraining encoder without final norm (HF ``use_mean_pooling=True``)."""
+    cfg = get_config("tiny", use_mean_pooling=False)
+    pre, clf = _model(cfg, seed=2).eval(), VideoMAEClassifier(cfg, 3).eval()
+    assert clf.fc_norm is None and "encoder.norm.weight" in clf.state_dict()
+    ignored = clf.from_pretrained_encoder(pre.state_dict())
+    assert "encoder.norm.weight" not in ignored
+    x = _video(cfg)
+    with torch.no_grad():
+        assert torch.allclose(clf.forward_features(x), pre.encoder(x)[:, 0])
+        assert clf(x).shape == (2, 3)
+    bare = _model(get_config("tiny", encoder_norm=False))
+    assert not any(k.startswith("encoder.norm") for k in bare.state_dict())
+    loss, _ = bare(x, _mask(cfg))
+    assert torch.isfinite(loss)
