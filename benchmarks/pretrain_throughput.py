@@ -112,6 +112,8 @@ def run_gpu(manifest: str, *, gpus: int, steps: int) -> list[dict]:
             overrides = [
                 f"storage_path={tmp}", f"name=bench{n}", f"loader.manifest={manifest}",
                 f"scaling.num_workers={n}", "scaling.min_workers=null", f"stop_at_step={steps}",
+                # the recipe's 10 CPUs per worker would never be placed on a node with fewer than 10 x n
+                f"scaling.cpus_per_worker={max(1, (os.cpu_count() or 2) // n - 1)}",
                 f"checkpoint.every_steps={steps}", "metrics.image_every=0", "metrics.log_every=1",
             ]  # fmt: skip
             cfg = load_config(PretrainConfig, "configs/pretrain/vit_b.yaml", overrides)

@@ -22,9 +22,12 @@ with ``torch.save`` from tensors and plain Python containers only, so all of the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -55,10 +58,13 @@ class CheckpointConfig:
     every_steps: int = 1000
     num_to_keep: int | None = 3
     at_end: bool = True
+    upload: str = "sync"  # "async": rank 0 goes on training while Ray Train uploads (ViT-B: ~1 GB to S3)
 
     def __post_init__(self) -> None:
         if self.every_steps < 1:
             raise ValueError(f"checkpoint.every_steps must be >= 1, got {self.every_steps}")
+        if self.upload not in ("sync", "async"):
+            raise ValueError(f"checkpoint.upload must be sync or async, got {self.upload!r}")
         if self.num_to_keep is not None and self.num_to_keep < 1:
             raise ValueError(f"checkpoint.num_to_keep must be >= 1 or null, got {self.num_to_keep}")
 
@@ -100,8 +106,10 @@ def rng_state() -> dict[str, Any]:
         "python_internal": torch.tensor(py_internal, dtype=torch.int64),
         "python_gauss": py_gauss,
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = (
+            torch.cuda.get_rng_state()
+        )  # this rank's device only: visible-GPU counts differ by node
     return state
 
 
@@ -119,8 +127,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
     internal = tuple(int(x) for x in state["python_internal"].tolist())
     random.setstate((int(state["python_version"]), internal, state["python_gauss"]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if isinstance(cuda, list | tuple):  # older checkpoints held every visible device's state
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def seed_everything(seed: int) -> None:
@@ -152,9 +164,12 @@ class RNGState:
         set_rng_state(state)
 
 
-def save_train_state(directory: str, state: dict[str, Any], *, rank: int, sharded: bool = False) -> None:
+def save_train_state(
+    directory: str, state: dict[str, Any], *, rank: int, sharded: bool = False, lineage: dict | None = None
+) -> None:
     """Write this rank's part of the train state ``state`` (the trainer's parts: ``model``, ``optimizer``,
-    :data:`RUN_PARTS`, :data:`RANK_PARTS`) into local ``directory`` (then reported to Ray Train).
+    :data:`RUN_PARTS`, :data:`RANK_PARTS`) into local ``directory`` (then reported to Ray Train); the exported
+    model carries ``lineage`` (``jobs.lineage``).
 
     ``sharded=True`` (FSDP2) is collective: every rank must call it; it writes a DCP set under ``sharded/``."""
     from model.checkpoint import save_checkpoint
@@ -169,7 +184,7 @@ def save_train_state(directory: str, state: dict[str, Any], *, rank: int, sharde
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, SHARDED_DIR))
     if rank == 0:
         if not sharded:
-            save_checkpoint(unwrap(model), directory)
+            save_checkpoint(unwrap(model), directory, lineage=lineage)
             torch.save(optimizer.state_dict(), os.path.join(directory, OPTIM_FILE))
         run = {name: state[name].state_dict() for name in RUN_PARTS}
         torch.save(
@@ -253,6 +268,34 @@ def read_rank_state(directory: str, rank: int, old_world_size: int) -> dict[str,
     if not own:
         state = {"loader": state["loader"], "rng": None}
     return state
+
+
+def checkpoint_dirs(run_url: str) -> list[str]:
+    """URLs of the ``step_*`` folders under a run directory that hold ``trainer.pt``, newest first."""
+    from pipeline import storage
+
+    fs, path = storage.get_fs(run_url)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    names = sorted((e.rstrip("/").rsplit("/", 1)[-1] for e in entries), reverse=True)
+    urls = [storage.join(run_url, n) for n in names if n.startswith("step_")]
+    return [u for u in urls if storage.exists(storage.join(u, TRAINER_FILE))]
+
+
+@contextlib.contextmanager
+def local_copy(url: str) -> Iterator[str]:
+    """A local directory holding checkpoint ``url``: the folder itself when local, else a temporary download."""
+    from pipeline import storage
+
+    if storage.protocol(url) == "file":
+        yield storage.get_fs(url)[1]
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        fs, path = storage.get_fs(url)
+        fs.get(path + "/", tmp + "/", recursive=True)
+        yield tmp
 
 
 def latest_checkpoint_dir(run_url: str) -> str | None:

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "jobs.curate",
         "per-sample quality/domain metrics over a shard set -> curation.parquet (Ray job)",
     ),
+    "embed": ("jobs.embed", "a checkpoint's embeddings, learnability and semantic groups per clip (Ray job)"),
     "subset": ("jobs.subset_cmd", "select a subset of a curated shard set -> subset manifest (no copies)"),
     "pretrain": ("jobs.pretrain", "VideoMAE pretraining with Ray Train (fault tolerant, elastic)"),
     "finetune": ("jobs.finetune", "supervised finetuning from a pretrained checkpoint with Ray Train"),
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logs": ("jobs.submit", "logs of a submitted Ray job"),
     "stop": ("jobs.submit", "stop a submitted Ray job"),
     "model-info": ("jobs.model_info", "parameter count and FLOPs per clip of a model config"),
+    "export": ("jobs.export", "convert a checkpoint to the vmae, Hugging Face or official VideoMAE format"),
 }
 
 
@@ -60,8 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_config(cls: type) -> str:
+    """Every key of a command's config with its type, default and meaning, one per line."""
+    from jobs.config import describe
+
+    rows = describe(cls)
+    width = max(len(k) for k, *_ in rows)
+    lines = [f"{k:<{width}}  {t:<14} default {d}" + (f"  # {note}" if note else "") for k, t, d, note in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. Bad input (a config, an argument, a missing file) is one line on stderr and exit
+    code 2; a failure of the environment (disk, permissions, network) one line and exit code 1. ``--debug``
+    (anywhere) shows the traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser.parse_args(argv or ["--help"])  # prints help / the unknown-command error and exits
@@ -71,14 +88,33 @@ def main(argv: list[str] | None = None) -> int:
     if not _available(module_name):
         parser.error(f"command {name!r} is not available in this build")
     module = importlib.import_module(module_name)
-    cmd_parser = argparse.ArgumentParser(prog=f"vmae {name}", description=help_text)
-    if hasattr(module, "add_command_arguments"):  # modules serving several commands (submit/status/...)
-        module.add_command_arguments(name, cmd_parser)
+    cmd_parser = argparse.ArgumentParser(
+        prog=f"vmae {name}", description=help_text,
+        epilog=f"vmae {name} --show-config lists every config key" if hasattr(module, "CONFIG_CLASS") else None,
+    )  # fmt: skip
+    if "--show-config" in argv[1:] and hasattr(module, "CONFIG_CLASS"):
+        print(show_config(module.CONFIG_CLASS))
+        return 0
+    try:
+        if hasattr(module, "add_command_arguments"):  # modules serving several commands (submit/status/...)
+            module.add_command_arguments(name, cmd_parser)
+            args = cmd_parser.parse_args(argv[1:])
+            return int(module.run_command(name, args) or 0)
+        module.add_arguments(cmd_parser)
         args = cmd_parser.parse_args(argv[1:])
-        return int(module.run_command(name, args) or 0)
-    module.add_arguments(cmd_parser)
-    args = cmd_parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+        return int(module.run(args) or 0)
+    except (ValueError, OSError) as e:
+        if debug:
+            raise
+        bad_input = isinstance(e, ValueError | FileNotFoundError | IsADirectoryError | NotADirectoryError)
+        print(f"vmae {name}: {'error' if bad_input else 'failed'}: {_one_line(e)} (--debug shows the traceback)",
+              file=sys.stderr)  # fmt: skip
+        return 2 if bad_input else 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, ValueError) else f"{type(e).__name__}: {text}"
 
 
 if __name__ == "__main__":

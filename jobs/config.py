@@ -89,6 +89,15 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return int(value)
     if tp is tuple and isinstance(value, list):
         return tuple(value)
+    # scalars are checked here, so a bad value is named by its key (not a TypeError deep in validation)
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{where}: {value!r} is not an integer")
+    if tp is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ValueError(f"{where}: {value!r} is not a number")
+    if tp is bool and not isinstance(value, bool):
+        raise ValueError(f"{where}: {value!r} is not true/false")
+    if tp is str and not isinstance(value, str):
+        raise ValueError(f"{where}: {value!r} is not a string")
     return value
 
 
@@ -142,19 +151,78 @@ def load_config(
     """Load YAML ``url`` (or the dataclass defaults when None), apply the user's ``a.b=c`` overrides, then set
     the top-level ``fields`` a caller computed (typed values, e.g. a ``SplitSection``), and validate."""
     data = load_yaml(url) if url else {}
+    check_override_keys(cls, overrides)
     data = {**apply_overrides(data, overrides), **fields}
     return from_dict(cls, data, where=url or cls.__name__)
 
 
-def save_config(
-    cfg: Any, run_dir_url: str, name: str = "config.yaml", storage_options: dict[str, Any] | None = None
-) -> str:
-    """Write the resolved config into the run directory and return its URL.
+def check_override_keys(cls: type, overrides: list[str] | tuple[str, ...]) -> None:
+    """Every ``a.b=c`` override names a field of ``cls`` (nested through dataclass fields; a dict-typed
+    field such as ``model.overrides`` takes any key); else ``ValueError`` naming the override, not a YAML."""
+    for item in overrides:
+        path = item.split("=", 1)[0].strip()
+        node: Any = cls
+        keys = [k for k in path.split(".") if k]
+        for i, k in enumerate(keys):
+            if not _is_dataclass_type(node):
+                break  # a dict or free-form field: its own validation names bad values
+            fields = {f.name: f for f in dataclasses.fields(node) if f.init}
+            if k not in fields:
+                where = ".".join(keys[:i]) or node.__name__
+                raise ValueError(f"override {item!r}: {where} has no key {k!r}; allowed: {sorted(fields)}")
+            tp = typing.get_type_hints(node)[k]
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            node = (
+                args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
+            )
 
-    ``storage_options`` reach fsspec (e.g. an S3 endpoint from ``pipeline.storage.storage_options``)."""
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, meaning)`` of every field of config class ``cls``, nested sections flattened to
+    dotted keys; the meaning is the field's trailing ``# comment`` in the source (``vmae <cmd> --show-config``)."""
+    import inspect
+    import re
+
+    notes: dict[str, str] = {}
+    for klass in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):  # subclasses win
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        notes.update(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, flags=re.M))
+    hints = typing.get_type_hints(cls)
+    out: list[tuple[str, str, str, str]] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        key = prefix + f.name
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        inner = tp if _is_dataclass_type(tp) else None
+        if inner is None and typing.get_origin(tp) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            inner = args[0] if len(args) == 1 and _is_dataclass_type(args[0]) else None
+        if inner is not None:
+            out += describe(inner, key + ".")
+            continue
+        shown = json.dumps(to_dict(default) if dataclasses.is_dataclass(default) else default, default=str)
+        name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        out.append((key, name, shown, notes.get(f.name, "")))
+    return out
+
+
+def save_config(cfg: Any, run_dir_url: str, name: str = "config.yaml", storage_cfg: Any = None) -> str:
+    """Write the resolved config, with every secret redacted (``pipeline.storage.redact``), into the run
+    directory (atomically; on object stores no folder or bucket is created) and return its URL.
+    ``storage_cfg`` (a ``pipeline.storage.StorageConfig``) says how to reach the store."""
+    from pipeline import storage
+
     url = run_dir_url.rstrip("/") + "/" + name
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    text = yaml.safe_dump(storage.redact(to_dict(cfg)), sort_keys=False)
+    storage.write_bytes_atomic(url, text.encode(), storage_cfg)
     return url

@@ -7,7 +7,12 @@ across all shards (pHash + union-find) and writes one table, atomically, with th
 resolved config and a summary in its schema metadata. Shards are only read: curation never rewrites them
 (subsets select keys with ``vmae subset``).
 
-    vmae curate --shards s3://bucket/set/manifest.json --output s3://bucket/set/curation.parquet
+    vmae curate --shards s3://bucket/set/manifest.json --output s3://bucket/set/curation.parquet [--report]
+    vmae curate --output s3://bucket/set/curation.parquet --report-only
+
+``--report`` then writes the curation report (:mod:`jobs.curate_report`: histograms, cluster strips, worst
+clips by metric) beside the table; ``--report-only`` writes it from the tables already there (curation and,
+if ``vmae embed`` wrote one beside it, embeddings) without curating again.
 """
 
 from __future__ import annotations
@@ -85,13 +90,15 @@ def run_curation(manifest_url: str, output: str, cfg: CurateConfig, *, address: 
 
     m = manifest.read_manifest(manifest_url)
     out_url = curation_url(output)
+    storage.check_bucket(out_url)
     urls = [m.shard_url(s) for s in m.shards]
     results: dict[str, pa.Table] = {}
 
     def done(args: tuple, result: pa.Table | BaseException) -> None:
-        # an unreadable shard fails the job rather than silently losing its samples
+        # a shard that cannot be opened fails the job (one line) rather than silently losing its samples
         if isinstance(result, BaseException):
-            raise result
+            cause = getattr(result, "cause", None) or result
+            raise OSError(f"curating {args[0]} failed: {' '.join(str(cause).split())[:300]}") from result
         results[args[0]] = result
 
     started = _init_ray(cfg.ray, address)
@@ -99,7 +106,8 @@ def run_curation(manifest_url: str, output: str, cfg: CurateConfig, *, address: 
         task = ray.remote(num_cpus=cfg.ray.task_cpus)(curate_shard)
         cap = cfg.ray.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         with tqdm(total=len(urls), desc="curate", unit="shard", disable=None) as bar:
-            _bounded_map(task, [(u, cfg.quality) for u in urls], cap, bar, done)
+            args = [(m.shard_url(s), cfg.quality, None, tuple(s.keys)) for s in m.shards]
+            _bounded_map(task, args, cap, bar, done)
     finally:
         if started:
             ray.shutdown()
@@ -128,18 +136,35 @@ CONFIG_CLASS = CurateConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shards", required=True, help="shard-set manifest.json URL (or its folder)")
+    parser.add_argument("--shards", default=None, help="shard-set manifest.json URL (or its folder)")
     parser.add_argument("--output", required=True, help="curation.parquet URL, or a folder to hold it")
     parser.add_argument("--config", default=None, help="YAML config (e.g. configs/curate/default.yaml)")
     parser.add_argument(
         "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)"
     )
+    parser.add_argument("--report", action="store_true", help="then write report/report.md beside the table")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only write the report, from the tables already at --output",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides a.b=c, e.g. quality.num_frames=12")
 
 
 def run(args: argparse.Namespace) -> int:
+    from jobs.curate_report import write_report
+
     cfg = load_config(CurateConfig, args.config, args.overrides)
-    summary = run_curation(args.shards, args.output, cfg, address=args.address)
-    print(json.dumps(summary, indent=1))
-    print(f"wrote {curation_url(args.output)}")
+    if not args.report_only:
+        if not args.shards:
+            raise ValueError("--shards is required (unless --report-only)")
+        summary = run_curation(args.shards, args.output, cfg, address=args.address)
+        print(json.dumps(summary, indent=1))
+        print(f"wrote {curation_url(args.output)}")
+    if args.report or args.report_only:
+        if not storage.exists(curation_url(args.output)):
+            raise ValueError(
+                f"no curation table at {curation_url(args.output)!r}; run `vmae curate --shards ...` first"
+            )
+        print(f"wrote {write_report(curation_url(args.output))}")
     return 0

@@ -50,7 +50,12 @@ class DemoConfig:
     )  # fmt: skip
     shard: JobRef = JobRef(
         config="configs/shard/debug.yaml",
-        overrides=("transcode.short_side=32", "transcode.fps=15", "transcode.crf=12", "shards.max_samples=128"),
+        overrides=(
+            "transcode.short_side=32",
+            "transcode.fps=15",
+            "transcode.crf=12",
+            "shards.max_samples=128",
+        ),
     )
     curate: JobRef = JobRef(config="configs/curate/debug.yaml")
     train_per_group: int = 8
@@ -118,7 +123,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 def summary_markdown(s: dict[str, Any]) -> str:
     """The demo's summary as Markdown (accuracies as fractions of the held-out clips)."""
     p, z = s["pretrained"], s["scratch"]
-    loss = (f"loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}" if s["final_loss"] is not None else "no metrics")
+    loss = (
+        f"loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}"
+        if s["final_loss"] is not None
+        else "no metrics"
+    )
     lines = [
         "# vmae demo", "",
         f"**finetune {p['finetune.top1']:.2f} pretrained vs {z['finetune.top1']:.2f} scratch (chance "

@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -33,6 +32,7 @@ from jobs.checkpointing import load_any_checkpoint
 from jobs.config import load_config, to_dict
 from jobs.eval_metrics import ProbeConfig, aggregate_views, knn_predict, linear_probe, topk_accuracy
 from jobs.features import FeatureExtractor, FeaturesSection, SplitSection
+from jobs.lineage import describe
 from pipeline import storage
 from pipeline.views import ViewSpec
 
@@ -110,12 +110,14 @@ def _counts(labels: torch.Tensor, skipped: list) -> dict[str, int]:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every evaluation ``cfg`` asks for, write the JSON report to ``cfg.output``, return it.
 
-    Report keys: ``checkpoint``, ``checkpoint_meta``, ``config``, ``samples`` (per split: videos, labelled,
+    Report keys: ``checkpoint``, ``checkpoint_meta``, ``lineage`` (``jobs.lineage``; None for a published
+    checkpoint), ``config``, ``samples`` (per split: videos, labelled,
     skipped), ``multiview`` (per ``"{clips}x{crops}"``: top1, top5, views, videos; empty for a pretrained
     checkpoint), and with a train split ``knn``, ``linear_probe`` (top1, top5), ``feature_dim``,
     ``num_classes``; ``seconds``. Accuracies are fractions of the labelled test videos."""
     from model import VideoMAEClassifier
 
+    storage.check_bucket(cfg.output, cfg.storage)
     t0 = time.perf_counter()
     model, meta = load_any_checkpoint(cfg.checkpoint)
     classifier = isinstance(model, VideoMAEClassifier)
@@ -130,7 +132,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     report: dict[str, Any] = {
         "checkpoint": cfg.checkpoint,
         "checkpoint_meta": {k: meta.get(k) for k in ("format", "kind", "url")},
-        "config": to_dict(cfg),
+        "lineage": meta.get("lineage"),  # what the checkpoint was trained from (jobs.lineage)
+        "config": storage.redact(to_dict(cfg)),
         "samples": {},
         "multiview": {},
     }
@@ -181,7 +184,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         report["linear_probe"] = {**topk_accuracy(probe, yte), "epochs": cfg.probe.epochs, "views": fs.name}
         report.update(feature_dim=int(xtr.shape[1]), num_classes=k)
     report["seconds"] = time.perf_counter() - t0
-    storage.write_bytes_atomic(cfg.output, json.dumps(report, indent=1).encode(), cfg.storage)
+    storage.write_bytes_atomic(cfg.output, json.dumps(storage.redact(report), indent=1).encode(), cfg.storage)
     return report
 
 
@@ -200,15 +203,14 @@ def run(args: argparse.Namespace) -> int:
     if args.address:
         import ray
 
-        ray.init(
-            address=args.address,
-            runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}},
-        )
+        ray.init(address=args.address)  # feature actors get the credentials as a Ray object
     report = evaluate(cfg)
     for name, acc in report["multiview"].items():
         print(f"{name} views: top1 {acc['top1']:.4f} top5 {acc['top5']:.4f} ({acc['videos']} videos)")
     for name in ("linear_probe", "knn"):
         if name in report:
             print(f"{name}: top1 {report[name]['top1']:.4f} top5 {report[name]['top5']:.4f}")
+    print(f"checkpoint: {report['checkpoint_meta']['url']}")
+    print("\n".join(describe(report["lineage"], "  ")))
     print(f"report: {cfg.output}")
     return 0

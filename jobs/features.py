@@ -127,7 +127,11 @@ def _shard_features(
 class _Extractor:
     """Ray actor: holds the model on its device and turns whole shards into features."""
 
-    def __init__(self, model_or_url: nn.Module | str, batch_size: int, use_gpu: bool, cpus: float):
+    def __init__(
+        self, model_or_url: nn.Module | str, batch_size: int, use_gpu: bool, cpus: float,
+        credentials: dict[str, str] | None = None,
+    ):  # fmt: skip
+        storage.install_credentials(credentials)
         torch.set_num_threads(max(1, int(cpus)))
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         model = load_any_checkpoint(model_or_url)[0] if isinstance(model_or_url, str) else model_or_url
@@ -179,7 +183,8 @@ class FeatureExtractor:
         gpu = bool(ray.cluster_resources().get("GPU", 0)) if use_gpu is None else use_gpu
         remote = ray.remote(num_cpus=cpus_per_actor, num_gpus=1 if gpu else 0)(_Extractor)
         source = ray.put(model_or_url) if isinstance(model_or_url, nn.Module) else model_or_url
-        self.actors = [remote.remote(source, batch_size, gpu, cpus_per_actor) for _ in range(actors)]
+        creds = ray.put(storage.credentials_from_env())  # not runtime_env: kept out of job metadata and logs
+        self.actors = [remote.remote(source, batch_size, gpu, cpus_per_actor, creds) for _ in range(actors)]
 
     def __enter__(self) -> FeatureExtractor:
         return self

@@ -10,18 +10,19 @@ micro-batch), as the official lr rule does. ``--resume`` continues a run directo
 existing one is refused without it); when the schedule completes, rank 0 exports the classifier to
 ``<run dir>/final``, which ``vmae eval`` reads.
 
-Legend: ``B`` clips per worker per micro-batch, ``K`` classes; ``video [B, 3, T, S, S]`` float32 (ImageNet
-normalised), ``label [B]`` int64, soft targets ``[B, K]``.
+Legend: ``B`` clips per worker per micro-batch, ``K`` classes; ``video [B, 3, T, S, S]`` uint8 from the loader
+(float32, ImageNet normalised, once on the device), ``label [B]`` int64, soft targets ``[B, K]``.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
@@ -83,13 +84,16 @@ def mix_clips(
     return x.reshape(b, c, t, h, w), target
 
 
-def make_criterion(aug: AugmentSection) -> nn.Module:
-    """Loss as the official script: soft-target CE after mixup, else label-smoothed CE, else plain CE."""
-    if aug.mixing:
-        return SoftTargetCrossEntropy()
-    if aug.label_smoothing > 0:
-        return LabelSmoothingCrossEntropy(smoothing=aug.label_smoothing)
-    return nn.CrossEntropyLoss()
+def make_criterion(aug: AugmentSection) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Per-clip loss ``[B]`` as the official script has it (its mean): soft-target CE after mixup (whose targets
+    carry the label smoothing), else label-smoothed CE, else plain CE -- ``F.cross_entropy`` unreduced, so the
+    task can weight stand-in rows out without changing the batch shape."""
+    smoothing = 0.0 if aug.mixing else aug.label_smoothing
+
+    def criterion(logits_BK: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits_BK, target, label_smoothing=smoothing, reduction="none")
+
+    return criterion
 
 
 def init_classifier(cfg: FinetuneConfig) -> tuple[VideoMAEClassifier, dict[str, Any]]:
@@ -131,20 +135,15 @@ def init_classifier(cfg: FinetuneConfig) -> tuple[VideoMAEClassifier, dict[str, 
     }
 
 
-def valid_rows(
-    label_B: torch.Tensor, valid_B: torch.Tensor, *, num_classes: int, even: bool, keys: list[str]
-) -> torch.Tensor:
-    """Indices of the clips to train on: loader stand-ins for skipped samples (``valid`` False) are dropped,
-    and one more when mixup needs an even batch. Raises ``ValueError`` naming a sample with a label outside
-    ``[0, num_classes)``."""
-    idx = torch.nonzero(valid_B, as_tuple=False).flatten()
-    bad = [i for i in idx.tolist() if not 0 <= int(label_B[i]) < num_classes]
-    if bad:
-        i = bad[0]
+def check_labels(label_B: torch.Tensor, valid_B: torch.Tensor, *, num_classes: int, keys: list[str]) -> None:
+    """Raises ``ValueError`` naming the first real sample (``valid``) with a label outside ``[0, num_classes)``
+    (host tensors: no device sync)."""
+    bad = torch.nonzero(valid_B & ((label_B < 0) | (label_B >= num_classes)), as_tuple=False).flatten()
+    if len(bad):
+        i = int(bad[0])
         raise ValueError(
             f"sample {keys[i]!r} has label {int(label_B[i])}, outside [0, num_classes={num_classes})"
         )
-    return idx[: len(idx) - len(idx) % 2] if even else idx
 
 
 class FinetuneTask:
@@ -174,20 +173,25 @@ class FinetuneTask:
     def forward(
         self, model: nn.Module, batch: dict[str, Any], device: torch.device
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        rows = valid_rows(batch["label"], batch["valid"], num_classes=self.cfg.num_classes,
-                          even=self.mixup is not None, keys=batch["key"])  # fmt: skip
-        if not len(rows):  # every clip of this micro-batch was a stand-in: still join DDP's all-reduce
-            logits = model(batch["video"][:1].to(device))
-            return logits.sum() * 0.0, {"correct": 0.0, "seen": 0.0}
-        video = batch["video"][rows].to(device, non_blocking=True)
-        label = batch["label"][rows].to(device, non_blocking=True)
+        # every micro-batch keeps the loader's shape [B] (a compiled model sees one shape): the loader's
+        # stand-ins for skipped samples (``valid`` False, copies of good clips with their labels) stay in the
+        # batch, and mixup, with weight 0 in the loss
+        valid = batch["valid"]
+        check_labels(batch["label"], valid, num_classes=self.cfg.num_classes, keys=batch["key"])
+        label = batch["label"].clamp(min=0)  # -1 only where a whole micro-batch is stand-ins (zeros)
+        # copy the pinned host tensors; nothing is indexed on the host (an unpinned copy would turn the
+        # non_blocking transfer into a synchronous one)
+        video = batch["video"].to(device, non_blocking=True)
+        label = label.to(device, non_blocking=True)
+        weight = valid.to(device, torch.float32, non_blocking=True)
         target = label
         if self.mixup is not None:
             video, target = mix_clips(self.mixup, video, label)
         logits = model(video)
-        loss = self.criterion(logits.float(), target)
-        correct = float((logits.detach().argmax(1) == label).sum())
-        return loss, {"correct": correct, "seen": float(len(rows))}
+        seen = float(valid.sum())
+        loss = (self.criterion(logits.float(), target) * weight).sum() / max(seen, 1.0)
+        correct = ((logits.detach().argmax(1) == label) & weight.bool()).sum()  # on device until a log step
+        return loss, {"correct": correct, "seen": seen}
 
     def summarize(self, stats: dict[str, float]) -> dict[str, float]:
         """Training top-1 of the logged step (on mixed clips, against the unmixed labels)."""

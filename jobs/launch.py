@@ -14,17 +14,17 @@ so a typo'd name never silently continues (or clobbers) another run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from jobs.config import save_config, to_dict
 from jobs.train_config import TrainConfig
 from pipeline import storage
-
-AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
 def storage_filesystem(storage_path: str) -> tuple[str, Any]:
@@ -64,7 +64,7 @@ def run_exists(cfg: TrainConfig) -> bool:
 
 def local_log_dir(cfg: TrainConfig) -> str:
     """Where rank 0 writes metrics.jsonl / TensorBoard / PNGs: ``<run dir>/logs`` on local storage, a local
-    folder for remote storage (synced to ``<run dir>/logs`` when the run ends)."""
+    folder for remote storage (rank 0 copies it to ``<run dir>/logs`` at every logged step and at the end)."""
     if storage.protocol(cfg.storage_path) == "file":
         return os.path.join(os.path.abspath(cfg.storage_path), cfg.name, "logs")
     tag = hashlib.sha1(cfg.run_url.encode()).hexdigest()[:10]
@@ -96,6 +96,90 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **changes)
 
 
+@contextlib.contextmanager
+def progress(metrics_path: str, *, total_steps: int, name: str, unit: str) -> Iterator[None]:
+    """While the body runs: a progress bar over optimizer steps (loss, throughput, ETA) fed by rank 0's
+    ``metrics.jsonl``, and one summary line per logged step. Where the file is not visible from the driver
+    (rank 0 on another node), nothing is shown."""
+    import json
+    import threading
+
+    from tqdm import tqdm
+
+    stop = threading.Event()
+    bar = tqdm(total=total_steps, desc=f"train {name}", unit="step", dynamic_ncols=True, disable=None)
+    pos = os.path.getsize(metrics_path) if os.path.exists(metrics_path) else 0  # a resumed run appends
+
+    def drain() -> None:
+        nonlocal pos
+        if not os.path.exists(metrics_path):
+            return
+        with open(metrics_path, "rb") as f:
+            f.seek(pos)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a half-written last line is read again next time
+        pos += len(complete)
+        for line in complete.decode().splitlines():
+            r = json.loads(line)
+            bar.n = min(int(r["step"]), total_steps)
+            rate = r.get(f"{unit}_per_s", 0.0)
+            bar.set_postfix(loss=f"{r['loss']:.4f}", **{f"{unit}/s": f"{rate:.0f}"}, refresh=False)
+            bar.refresh()
+            bar.write(f"{name} step {r['step']}/{total_steps}: loss {r['loss']:.4f} lr {r['lr']:.2e} "
+                      f"{rate:.1f} {unit}/s data-wait {r.get('data_wait_frac', 0):.0%}")  # fmt: skip
+
+    def watch() -> None:
+        while not stop.wait(1.0):
+            drain()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        drain()
+        bar.close()
+
+
+def placeable(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many ``bundle``s fit on nodes with these total resources (each bundle on one node)."""
+    return sum(int(min(node.get(k, 0.0) // v for k, v in bundle.items() if v > 0)) for node in nodes)
+
+
+def wait_for_resources(cfg: TrainConfig, *, wait_s: float) -> None:
+    """Make sure the cluster can place ``scaling.min_workers`` (else ``num_workers``) workers before Ray Train
+    waits for them without a word: ask the autoscaler for them and wait up to ``wait_s``; ``ValueError``
+    saying what is missing when they never come."""
+    import time
+
+    import ray
+
+    need = cfg.scaling.min_workers or cfg.scaling.num_workers
+    bundle = cfg.worker_bundle
+
+    def nodes() -> list[dict[str, float]]:
+        return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+    if placeable(bundle, nodes()) >= need:
+        return
+    if wait_s > 0:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[bundle] * need)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if placeable(bundle, nodes()) >= need:
+                return
+            time.sleep(5)
+    have = placeable(bundle, nodes())
+    raise ValueError(
+        f"scaling: {need} workers of {bundle} cannot be placed: the cluster's nodes hold {have} after waiting "
+        f"{wait_s:.0f} s; lower scaling.min_workers / scaling.cpus_per_worker or add nodes"
+    )
+
+
 def export_url(cfg: TrainConfig) -> str:
     """Absolute URL of the finished run's exported model (workers may run in another working directory)."""
     if storage.protocol(cfg.storage_path) == "file":
@@ -112,19 +196,34 @@ def fit(cfg: TrainConfig, task_cls: Any, *, resume: bool = False) -> Any:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from jobs.lineage import build_lineage
     from jobs.trainer import train_loop_per_worker
 
+    storage.check_bucket(cfg.storage_path)
     check_run_dir(cfg, resume=resume)
     cfg = with_absolute_paths(cfg)
-    save_config(cfg, cfg.run_url, name="config.resume.yaml" if resume else "config.yaml")
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+    from jobs.optim import batch_plan, schedule_samples
+    from pipeline.loader import load_shards
 
+    shards = load_shards(
+        cfg.loader
+    )  # a missing manifest or subset: one clear error here, not N worker retries
+    save_config(cfg, cfg.run_url, name="config.resume.yaml" if resume else "config.yaml")
+    started = not ray.is_initialized()
+    if started:
+        # log_to_driver off: Ray's per-rank detail stays in its logs; the user sees :func:`progress`.
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls every second
+        # (without it, a "Failed to query Ray Train Controller actor state" warning each second).
+        ray.init(include_dashboard=True, log_to_driver=False)
+
+    wait_for_resources(
+        cfg, wait_s=0.0 if started else cfg.scaling.resource_wait_s
+    )  # our own cluster never grows
     s, f = cfg.scaling, cfg.failure
     scaling = ray.train.ScalingConfig(
         num_workers=(s.min_workers, s.num_workers) if s.min_workers is not None else s.num_workers,
         use_gpu=s.use_gpu,
-        resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
+        resources_per_worker=cfg.worker_bundle,
         placement_strategy=s.placement_strategy,
         elastic_resize_monitor_interval_s=s.elastic_resize_monitor_interval_s,
     )
@@ -135,17 +234,21 @@ def fit(cfg: TrainConfig, task_cls: Any, *, resume: bool = False) -> Any:
         relax_collectives_on_preemption=f.relax_collectives_on_preemption,
     )
     path, fs = storage_filesystem(cfg.storage_path)
-    env = {k: os.environ[k] for k in AWS_ENV if k in os.environ}
     run_config = ray.train.RunConfig(
         name=cfg.name,
         storage_path=path,
         storage_filesystem=fs,
         failure_config=failure,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-        worker_runtime_env={"env_vars": env} if env else None,
     )
     log_dir = local_log_dir(cfg)
-    loop_config = {"task": task_cls, "cfg": to_dict(cfg), "log_dir": log_dir, "export_url": export_url(cfg)}
+    creds = storage.credentials_from_env()  # a Ray object, not runtime_env: kept out of job metadata and logs
+    run_url = (
+        os.path.dirname(export_url(cfg)) if storage.protocol(cfg.storage_path) == "file" else cfg.run_url
+    )
+    loop_config = {"task": task_cls, "cfg": to_dict(cfg), "log_dir": log_dir, "export_url": export_url(cfg),
+                   "run_url": run_url, "lineage": build_lineage(cfg),
+                   "credentials": ray.put(creds) if creds else None}  # fmt: skip
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -153,8 +256,13 @@ def fit(cfg: TrainConfig, task_cls: Any, *, resume: bool = False) -> Any:
         scaling_config=scaling,
         run_config=run_config,
     )
-    result = trainer.fit()
-    if storage.protocol(cfg.storage_path) != "file" and os.path.isdir(log_dir):
-        fs_remote, remote = storage.get_fs(storage.join(cfg.run_url, "logs"))
-        fs_remote.put(log_dir + "/", remote, recursive=True)
+    per_sample = cfg.loader.batch_size if task_cls.unit == "clips" else cfg.loader.videos_per_batch
+    nominal = batch_plan(cfg.optim, per_worker_batch=per_sample, world_size=cfg.scaling.num_workers)
+    _, total = schedule_samples(cfg.schedule, dataset_size=sum(len(x.keys) for x in shards),
+                                nominal_global_batch=nominal.global_batch)  # fmt: skip
+    steps = cfg.stop_at_step or -(-total // nominal.global_batch)
+    with progress(
+        os.path.join(log_dir, "metrics.jsonl"), total_steps=steps, name=cfg.name, unit=task_cls.unit
+    ):
+        result = trainer.fit()
     return result

@@ -19,15 +19,24 @@ import numpy as np
 import torch
 from einops import repeat
 
-# Dense bf16 tensor-core peak per device (FLOP/s), from the vendors' data sheets.
+# Dense bf16 tensor-core peak per device (FLOP/s), from the vendors' data sheets, matched against
+# torch.cuda.get_device_name by the longest name it contains ("NVIDIA H100 PCIe" is not an SXM H100).
 GPU_PEAK_FLOPS = {
     "H200": 989e12,
-    "H100": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM
     "A100": 312e12,
     "L40S": 362e12,
     "A10G": 70e12,
     "L4": 121e12,
 }
+
+
+def peak_flops_for(name: str) -> float | None:
+    """The data-sheet peak of a GPU by its device name (the longest matching entry), or None."""
+    hits = [k for k in GPU_PEAK_FLOPS if k in name]
+    return GPU_PEAK_FLOPS[max(hits, key=len)] if hits else None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,9 +80,9 @@ def device_peak_flops(device: torch.device, override: float | None = None) -> fl
         return override
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops
+        flops = peak_flops_for(name)
+        if flops is not None:
+            return flops
         raise ValueError(f"no peak FLOP/s known for GPU {name!r}; set metrics.peak_flops_per_worker")
     return measure_cpu_peak_flops()
 

@@ -51,7 +51,7 @@ class PretrainTask:
         self, model: nn.Module, batch: dict[str, Any], device: torch.device
     ) -> tuple[torch.Tensor, dict[str, float]]:
         video = batch["video"].to(device, non_blocking=True)
-        mask = batch["mask"].to(device, non_blocking=True)
+        mask = batch["mask"]  # stays on the CPU: the model splits tokens where the mask lives (no host sync)
         loss, pred = model(video, mask)
         self._last = (video, mask, pred)
         return loss, {}

@@ -33,17 +33,15 @@ from pipeline import manifest as mf
 from pipeline import shards as sh
 from pipeline import storage
 from pipeline.sources import Listing, SourceConfig, list_sources
-from pipeline.transcode import TranscodeConfig
+from pipeline.transcode import TranscodeConfig, identity
 
-_AWS_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-)
 _NUMBER = re.compile(r"(?<![=\w.])[0-9]+(?:[.][0-9]+)?")  # counts in reject reasons; not config values
 REJECTS_SCHEMA = pa.schema([("source", pa.string()), ("stage", pa.string()), ("error", pa.string())])
+
+
+class JobFailed(RuntimeError):
+    """The job stopped without committing (the environment failed, or inputs failed for transient reasons);
+    the message says why and how to resume. Finished work is cached in ``_work/``."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,12 +49,16 @@ class RayConfig:
     num_cpus: int | None = None  # local cluster size (None: all cores); ignored with --address
     max_in_flight: int = 0  # tasks submitted but not finished; 0: 2 x cluster CPUs
     task_cpus: float = 1.0
+    task_timeout_s: float = 600.0  # a video's probe + transcode (from submission) past this is a reject
+    max_transient_failures: int = 10  # stop early after this many inputs failed to read (store down?)
 
     def __post_init__(self) -> None:
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ValueError(f"ray.num_cpus must be >= 1 or null, got {self.num_cpus}")
         if self.max_in_flight < 0 or self.task_cpus <= 0:
             raise ValueError(f"ray.max_in_flight must be >= 0 and ray.task_cpus > 0, got {self}")
+        if not self.task_timeout_s > 0 or self.max_transient_failures < 1:
+            raise ValueError("ray.task_timeout_s must be > 0 and ray.max_transient_failures >= 1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"vmae shard: error: {e}", file=sys.stderr)
         return 2
+    except JobFailed as e:
+        print(f"vmae shard: failed: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -109,17 +114,10 @@ def resolved_storage(cfg: storage.StorageConfig) -> storage.StorageConfig:
     )  # fmt: skip
 
 
-def redacted(cfg: ShardJobConfig) -> ShardJobConfig:
-    """The config as saved next to the data: no credentials."""
-    st = cfg.storage
-    return dataclasses.replace(
-        cfg, storage=dataclasses.replace(st, key=st.key and "***", secret=st.secret and "***")
-    )
-
-
 def fingerprint(cfg: ShardJobConfig, listing: Listing) -> str:
     """What the output depends on: config (less how it is run) and every input's path/version/label."""
     conf = {k: v for k, v in to_dict(cfg).items() if k not in ("ray", "storage", "keep_work")}
+    conf["transcode"] = identity(cfg.transcode)  # split=fixed: the fingerprint of before scene splitting
     items = [(i.url, i.size, i.version, i.label, i.label_name, i.domain) for i in listing.items]
     blob = json.dumps([conf, items, list(listing.missing), list(listing.classes)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -134,8 +132,9 @@ def _init_ray(rcfg: RayConfig, address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    env = {k: os.environ[k] for k in _AWS_ENV if k in os.environ}
-    kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": {"env_vars": env} if env else None}
+    # no credentials in runtime_env (Ray keeps it in job metadata and logs): tasks get them in their
+    # StorageConfig argument (``resolved_storage``)
+    kwargs: dict[str, Any] = {"include_dashboard": False}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
@@ -144,26 +143,47 @@ def _init_ray(rcfg: RayConfig, address: str | None) -> bool:
     return True
 
 
-def _bounded_map(fn: Callable, args: Iterable[tuple], cap: int, bar: tqdm, on_done: Callable) -> None:
-    """Run ``fn.remote(*a)`` over ``args`` with at most ``cap`` tasks in flight; ``on_done(a, result_or_exc)``."""
+def _bounded_map(
+    fn: Callable,
+    args: Iterable[tuple],
+    cap: int,
+    bar: tqdm,
+    on_done: Callable,
+    *,
+    timeout_s: float | None = None,
+) -> None:
+    """Run ``fn.remote(*a)`` over ``args`` with at most ``cap`` tasks in flight; ``on_done(a, result_or_exc)``.
+    A task not finished ``timeout_s`` after its submission is cancelled and reported as a ``TimeoutError``.
+    ``on_done`` may raise to stop the map: the tasks still in flight are cancelled."""
     import ray
 
-    pending: dict[Any, tuple] = {}
+    pending: dict[Any, tuple[tuple, float]] = {}
     it = iter(args)
-    while True:
-        while len(pending) < cap and (a := next(it, None)) is not None:
-            pending[fn.remote(*a)] = a
-        if not pending:
-            return
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            a = pending.pop(ref)
-            try:
-                result: Any = ray.get(ref)
-            except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as e:
-                result = e
-            on_done(a, result)
-            bar.update()
+    try:
+        while True:
+            while len(pending) < cap and (a := next(it, None)) is not None:
+                pending[fn.remote(*a)] = (a, time.monotonic())
+            if not pending:
+                return
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0 if timeout_s else None)
+            for ref in done:
+                a, _ = pending.pop(ref)
+                try:
+                    result: Any = ray.get(ref)
+                except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as e:
+                    result = e
+                on_done(a, result)
+                bar.update()
+            if timeout_s:
+                now = time.monotonic()
+                for ref in [r for r, (_, t) in pending.items() if now - t > timeout_s]:
+                    a, _ = pending.pop(ref)
+                    ray.cancel(ref, force=True)
+                    on_done(a, TimeoutError(f"took longer than ray.task_timeout_s={timeout_s:g} s"))
+                    bar.update()
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
 
 
 def shard(
@@ -180,6 +200,7 @@ def shard(
     t0 = time.time()
     output_url = output_url.rstrip("/")
     st = resolved_storage(cfg.storage)
+    storage.check_bucket(output_url, st)
     listing = list_sources(input_url, cfg.source, st, exclude=output_url)
     if not listing.items:
         raise ValueError(
@@ -189,7 +210,7 @@ def shard(
     manifest_url = storage.join(output_url, mf.MANIFEST_NAME)
     if storage.exists(manifest_url, st):
         old = mf.read_manifest(manifest_url, st)
-        if old.stats.get("fingerprint") == fp and not old.stats.get("retryable"):
+        if old.stats.get("fingerprint") == fp:
             print(f"vmae shard: {output_url} is complete for these inputs and config: nothing to do")
             return {**old.stats, "noop": True}
         if old.stats.get("fingerprint") != fp and not overwrite:
@@ -197,7 +218,7 @@ def shard(
                              "pass --overwrite to replace it, or choose another --output")  # fmt: skip
         fs, path = storage.get_fs(manifest_url, st)
         storage.retry(lambda: fs.rm(path), cfg=st)
-    save_config(redacted(cfg), output_url, storage_options=storage.storage_options(output_url, st))
+    save_config(cfg, output_url, storage_cfg=st)
     work_url = storage.join(output_url, sh.WORK_DIR)
     started = _init_ray(cfg.ray, address)
     try:
@@ -211,6 +232,7 @@ def shard(
     rejects = sorted(
         [(r["source"], r["stage"], r["error"]) for r in records.values() if r["status"] != "ok"]
         + [(p, "list", "named in source.label_list but not found under --input") for p in listing.missing]
+        + [(url, "list", why) for url, why in listing.skipped]
     )
     index = _index_rows(written, samples)
     mf.write_table_atomic(
@@ -227,16 +249,15 @@ def shard(
         "videos_cached": sum(bool(r.get("cached")) for r in records.values()), "clips_out": len(index),
         "shards_out": len(written), "shards_reused": sum(w[2] for w in written), "rejected": len(rejects),
         "rejected_by_reason": dict(sorted(reasons.items())),
-        "retryable": sum(bool(r.get("retryable")) for r in records.values()),
         "bytes_in": sum(i.size for i in listing.items), "bytes_out": sum(w[0].size for w in written),
         "wall_s": round(time.time() - t0, 3),
     }  # fmt: skip
     created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     manifest = mf.Manifest(shards=tuple(w[0] for w in written), num_samples=len(index),
-                           config=to_dict(redacted(cfg)), code_version=mf.code_version(), created=created,
+                           config=storage.redact(to_dict(cfg)), code_version=mf.code_version(), created=created,
                            stats=stats)  # fmt: skip
     mf.write_manifest(manifest_url, manifest, st)
-    _cleanup(output_url, work_url, cfg, st, keep_work=cfg.keep_work or bool(stats["retryable"]),
+    _cleanup(output_url, work_url, cfg, st, keep_work=cfg.keep_work,
              keep={w[0].name for w in written} if overwrite else None)  # fmt: skip
     _summary(stats)
     return stats
@@ -245,7 +266,9 @@ def shard(
 def _prepare_all(
     listing: Listing, work_url: str, cfg: ShardJobConfig, st: storage.StorageConfig, cap: int
 ) -> dict[str, dict]:
-    """key -> prepare_sample record for every listed source (task failures become retryable rejects)."""
+    """key -> prepare_sample record for every listed source. Raises :class:`JobFailed` on an environment
+    failure, or when inputs failed to read (at once past ``ray.max_transient_failures``, else at the end):
+    a run with such failures never commits."""
     import ray
 
     task = ray.remote(sh.prepare_sample).options(num_cpus=cfg.ray.task_cpus, max_retries=1)
@@ -253,18 +276,45 @@ def _prepare_all(
     rejected = collections.Counter()
     bar = tqdm(total=len(listing.items), desc="transcode", unit="video", smoothing=0.1)
 
+    transient: list[str] = []
+
     def done(args: tuple, result: Any) -> None:
         item = args[0]
-        if isinstance(result, Exception):
+        cause = getattr(result, "cause", None)  # a RayTaskError carries the task's own exception
+        if isinstance(cause, storage.EnvironmentFailure) or isinstance(result, storage.EnvironmentFailure):
+            raise JobFailed(f"{' '.join(str(cause or result).split())[:300]} — an environment failure, not a "
+                            "verdict on the video: fix it (disk space, permissions, the store) and rerun the same "
+                            "command; finished videos are cached in _work/ and nothing was committed")  # fmt: skip
+        if isinstance(
+            result, TimeoutError
+        ):  # a hang (a FIFO, a pathological file): recorded, retried next run
+            result = {"key": item.key, "source": item.url, "status": "rejected", "stage": "timeout",
+                      "error": str(result), "cached": False}  # fmt: skip
+        elif isinstance(
+            result, Exception
+        ):  # the worker died twice on it (Ray retried once) or a bug: recorded
             err = " ".join(str(result).split())[-300:]
             result = {"key": item.key, "source": item.url, "status": "rejected", "stage": "worker",
-                      "error": f"{type(result).__name__}: {err}", "retryable": True}  # fmt: skip
+                      "error": f"{type(result).__name__}: {err}", "cached": False}  # fmt: skip
         records[item.key] = result
         rejected[result["status"] != "ok"] += 1
+        if result.get("retryable"):
+            transient.append(f"{item.url}: {result['error']}")
+            if len(transient) >= cfg.ray.max_transient_failures:
+                raise JobFailed(f"{len(transient)} inputs failed for reasons that may be transient (first: "
+                                f"{transient[0][:200]}); stopped early and committed nothing. Rerun the same "
+                                "command when the store is reachable: finished videos are cached in _work/")  # fmt: skip
         bar.set_postfix(rejected=rejected[True], refresh=False)
 
-    _bounded_map(task, ((item, work_url, cfg.transcode, st) for item in listing.items), cap, bar, done)
-    bar.close()
+    try:
+        _bounded_map(task, ((item, work_url, cfg.transcode, st) for item in listing.items), cap, bar, done,
+                     timeout_s=cfg.ray.task_timeout_s)  # fmt: skip
+    finally:
+        bar.close()
+    if transient:
+        raise JobFailed(f"{len(transient)} input(s) failed for reasons that may be transient (first: "
+                        f"{transient[0][:200]}); nothing was committed. Rerun the same command to retry them: "
+                        "finished videos are cached in _work/")  # fmt: skip
     return records
 
 
@@ -275,7 +325,8 @@ def _samples(
     ``{key}.json``."""
     tc = cfg.transcode
     params = {"codec": "h264", "pix_fmt": "yuv420p", "short_side": tc.short_side, "fps": tc.fps, "gop": tc.gop,
-              "crf": tc.crf, "preset": tc.preset, "max_clip_s": tc.max_clip_s}  # fmt: skip
+              "crf": tc.crf, "preset": tc.preset, "max_clip_s": tc.max_clip_s,
+              **{k: v for k, v in identity(tc).items() if k.startswith(("split", "scene_"))}}  # fmt: skip
     out = []
     for item in listing.items:
         rec = records[item.key]
@@ -391,5 +442,3 @@ def _summary(stats: dict) -> None:
     )
     for reason, n in stats["rejected_by_reason"].items():
         print(f"  rejected x{n}: {reason}")
-    if stats["retryable"]:
-        print(f"  {stats['retryable']} failure(s) may be transient: rerun the same command to retry them")

@@ -291,11 +291,22 @@ def _commit(cfg: StudyConfig, run: CellRun, data: PreparedData, pre: dict, ev: d
         "eval_id": run.eval_id, "subset": subset.summary(), "target": target.summary(), "pretrain": pre,
         "metrics": ev["metrics"], "finetune_wall_s": ev.get("finetune_wall_s", 0.0),
         "eval_wall_s": ev.get("eval_wall_s", 0.0), "checkpoint": pre["checkpoint"],
-        "finetune_checkpoint": ev.get("finetune_checkpoint"),
+        "finetune_checkpoint": ev.get("finetune_checkpoint"), "lineage": ev.get("lineage"),
     }  # fmt: skip
     storage.write_bytes_atomic(storage.join(cfg.output, "cells", run.url_part, RESULT_NAME),
                                json.dumps(result, indent=1).encode())  # fmt: skip
     return result
+
+
+def _with_credentials(fn: Any) -> Any:
+    """``fn`` run in a Ray task after installing the driver's object-store credentials (first argument)."""
+
+    def run(credentials: dict[str, str], *args: Any) -> Any:
+        storage.install_credentials(credentials)
+        return fn(*args)
+
+    run.__name__ = run.__qualname__ = fn.__name__
+    return run
 
 
 def _run_all(cfg: StudyConfig, runs: list[CellRun], data: PreparedData) -> tuple[list[dict], dict[str, int]]:
@@ -303,8 +314,9 @@ def _run_all(cfg: StudyConfig, runs: list[CellRun], data: PreparedData) -> tuple
     tasks of its cells, which go ahead of the remaining pretraining runs."""
     import ray
 
-    stage = ray.remote(num_cpus=1)(finetune_eval_stage)
-    pre_task = ray.remote(num_cpus=1)(pretrain_stage)
+    stage = ray.remote(num_cpus=1)(_with_credentials(finetune_eval_stage))
+    pre_task = ray.remote(num_cpus=1)(_with_credentials(pretrain_stage))
+    creds = ray.put(storage.credentials_from_env())  # a Ray object: never in runtime_env / job metadata
     results, todo = [], []
     for r in runs:
         url = storage.join(cfg.output, "cells", r.url_part, RESULT_NAME)
@@ -325,14 +337,14 @@ def _run_all(cfg: StudyConfig, runs: list[CellRun], data: PreparedData) -> tuple
     def do_pretrain(r: CellRun) -> dict:
         init, launcher = r.params["init"], cfg.runner.pretrain
         if launcher == "local" and init == "pretrained":
-            return ray.get(pre_task.remote(r.pretrain, init, launcher))
+            return ray.get(pre_task.remote(creds, r.pretrain, init, launcher))
         return pretrain_stage(r.pretrain, init, launcher)
 
     def do_eval(eval_id: str) -> dict:
         url = storage.join(evals[eval_id][0].job["out"], RESULT_NAME)
         if storage.exists(url):
             return json.loads(storage.read_bytes(url))
-        out = ray.get(stage.remote(evals[eval_id][0].job))
+        out = ray.get(stage.remote(creds, evals[eval_id][0].job))
         storage.write_bytes_atomic(url, json.dumps(out, indent=1).encode())
         return out
 

@@ -73,10 +73,14 @@ def pretrain_stage(pcfg: PretrainConfig, init: str, launcher: str = "train") -> 
     else:
         import torch
 
+        from jobs.config import to_dict
+        from jobs.lineage import code_version
         from model import VideoMAE, save_checkpoint
 
         torch.manual_seed(pcfg.seed)  # the trainer's initialisation, so scratch = a run's step 0
-        save_checkpoint(VideoMAE(pcfg.model.build()), info["checkpoint"])
+        lineage = {"code": code_version(), "init": f"scratch (torch seed {pcfg.seed})", "shards": None,
+                   "subset": None, "config": storage.redact(to_dict(pcfg))}  # fmt: skip
+        save_checkpoint(VideoMAE(pcfg.model.build()), info["checkpoint"], lineage=lineage)
     info["wall_s"] = round(time.time() - t0, 3)
     info["overhead_s"] = (
         round(info["wall_s"] - float(info["train_s"] or 0.0), 3) if init == "pretrained" else 0.0
@@ -145,11 +149,13 @@ def finetune_eval_stage(job: dict[str, Any]) -> dict[str, Any]:
             out["metrics"]["finetune.views"] = views
             break
         out["finetune_checkpoint"] = final
+        out["lineage"] = report["lineage"]  # the finetuned model's, with its encoder's chain
     t1 = time.time()
     report = evaluate_checkpoint(ref, tuple(job["eval_overrides"]), checkpoint=job["encoder"], test=test,
                                  train=train, output=storage.join(job["out"], "encoder.json"), seed=job["seed"])  # fmt: skip
     for name in ("linear_probe", "knn"):
         out["metrics"].update({f"{name}.{k}": v for k, v in report[name].items() if k in ("top1", "top5")})
+    out.setdefault("lineage", report["lineage"])
     out["eval_wall_s"] = round(time.time() - t1, 3)
     out["num_classes"] = report.get("num_classes")
     return out

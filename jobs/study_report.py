@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from jobs.lineage import flat as lineage_columns
 from pipeline import manifest as mf
 from pipeline import storage
 
@@ -48,7 +49,7 @@ def results_frame(results: list[dict[str, Any]]) -> pd.DataFrame:
             "pretrain_wall_s": float(pre.get("wall_s") or 0.0),
             "pretrain_overhead_s": float(pre.get("overhead_s") or 0.0),
             "finetune_wall_s": float(r.get("finetune_wall_s") or 0.0), "eval_wall_s": float(r["eval_wall_s"]),
-            "checkpoint": r["checkpoint"],
+            "checkpoint": r["checkpoint"], **lineage_columns(r.get("lineage")),
         }  # fmt: skip
         rows.append(row)
     return pd.DataFrame(rows)
@@ -101,8 +102,16 @@ def summarize(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+PRETRAIN_PARAMS = ("subset", "mask_ratio", "mask_type")  # what only a pretrained cell has
+
+
 def _matching(df: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
+    """Rows of ``df`` with every parameter of ``params``. A selector on a pretraining parameter (subset, mask)
+    that does not name ``init`` matches pretrained rows only: a scratch cell carries the study's default subset
+    (its row says what the cell would have pretrained on) but was never pretrained on it."""
     mask = pd.Series(True, index=df.index)
+    if "init" not in params and any(k in PRETRAIN_PARAMS for k in params):
+        mask &= df["init"] != "scratch"
     for k, v in params.items():
         if k in NAMED:
             col = df[k]
@@ -175,6 +184,17 @@ def markdown_report(df: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
                          f"{json.dumps(v['worse'])}: {side('worse')} | {diff} | **{v['verdict']}** |")  # fmt: skip
         lines += ["", "Reproduced = the difference of means exceeds 2 standard errors of the difference "
                   "(`not_worse`: exceeds -2 SE); SE from the standard deviations over seeds."]  # fmt: skip
+    if "lineage_code" in df.columns and len(df):
+        lines += ["", "## Lineage", "", "What each cell's models were trained from (recorded in every checkpoint "
+                  "and export; sha256 prefixes of the shard-set manifest and the pretraining subset manifest).", "",
+                  "| cell | code | shards sha256 | subset sha256 | subset rule |", "|---|---|---|---|---|"]  # fmt: skip
+        for _, g in df.groupby("cell_id", sort=False):
+            first = g.iloc[0]
+            codes = ", ".join(sorted(set(g["lineage_code"]) - {""})) or "-"
+            lines.append(
+                f"| {cell_label(first)} | {codes} | {first['pretrain_shards_sha256'][:12] or '-'} | "
+                f"{first['pretrain_subset_sha256'][:12] or '-'} | {first['pretrain_subset_rule'] or '-'} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -49,17 +49,13 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "*.pyc",
 )
 
-# Object-storage settings read by pipeline/storage.py, s3fs and boto3. Forwarded when set locally so that a
-# job sees the same bucket as the shell that submitted it. AWS_PROFILE & co. name local files: not forwarded.
-PASSTHROUGH_ENV: tuple[str, ...] = (
-    "AWS_ENDPOINT_URL",
-    "S3_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-)
+# Object-storage settings read by pipeline/storage.py, s3fs and boto3 that are not secret: forwarded when set
+# locally so that a job sees the same endpoint and region as the shell that submitted it. Credentials are
+# never forwarded: a runtime_env's env_vars are stored in the job's metadata (anyone who can list jobs reads
+# them) and written into Ray's session logs. The cluster brings its own (a Kubernetes Secret, an instance
+# role / IRSA: infra/README.md). AWS_PROFILE & co. name local files: not forwarded either.
+PASSTHROUGH_ENV: tuple[str, ...] = ("AWS_ENDPOINT_URL", "S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+WITHHELD_ENV: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
 
@@ -157,6 +153,10 @@ def build_runtime_env(cfg: SubmitConfig, environ: Mapping[str, str] = os.environ
     if cfg.pass_aws_env:
         env_vars.update({k: environ[k] for k in PASSTHROUGH_ENV if environ.get(k)})
     env_vars.update(cfg.env)
+    leaked = sorted(k for k in env_vars if k in WITHHELD_ENV)
+    if leaked:
+        raise ValueError(f"--env {leaked}: credentials are never sent in a job's runtime_env (its metadata is "
+                         "readable by anyone who can list jobs); give the cluster its own (infra/README.md)")  # fmt: skip
     runtime_env: dict = {"env_vars": env_vars}
     if cfg.working_dir is not None:
         runtime_env["working_dir"] = os.path.abspath(cfg.working_dir)

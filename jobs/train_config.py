@@ -70,6 +70,7 @@ class ScalingSection:
     cpus_per_worker: float = 1.0
     elastic_resize_monitor_interval_s: float = 60.0
     placement_strategy: str = "PACK"
+    resource_wait_s: float = 600.0  # an autoscaling cluster gets this long to grow to min_workers
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -80,6 +81,8 @@ class ScalingSection:
             )
         if not self.cpus_per_worker > 0:
             raise ValueError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.resource_wait_s < 0:
+            raise ValueError(f"scaling.resource_wait_s must be >= 0, got {self.resource_wait_s}")
         if self.elastic_resize_monitor_interval_s < 0:
             raise ValueError("scaling.elastic_resize_monitor_interval_s must be >= 0")
 
@@ -105,11 +108,14 @@ class FailureSection:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FaultInjection:
-    """Test hook: rank ``rank`` SIGKILLs itself at ``step`` once — only while ``marker`` does not exist."""
+    """Test hooks: rank ``rank`` SIGKILLs itself at ``step`` once — only while ``marker`` does not exist;
+    with ``keys_log`` (a local folder) every rank appends the keys of each batch it trains on, so a test can
+    check which samples a run saw across failures and resizes."""
 
     rank: int | None = None
     step: int = 0
     marker: str | None = None
+    keys_log: str | None = None  # folder: rank_<r>-<pid>.jsonl lines {"step", "epoch", "keys"}
 
     def __post_init__(self) -> None:
         if self.rank is not None and (self.marker is None or self.step < 1):
@@ -150,6 +156,11 @@ class TrainConfig:
     @property
     def run_url(self) -> str:
         return self.storage_path.rstrip("/") + "/" + self.name
+
+    @property
+    def worker_bundle(self) -> dict[str, float]:
+        """The resources each Ray Train worker asks for."""
+        return {"CPU": self.scaling.cpus_per_worker, **({"GPU": 1.0} if self.scaling.use_gpu else {})}
 
     @property
     def final_url(self) -> str:

@@ -29,7 +29,9 @@ float32 (ImageNet normalised), ``mask [B, L]`` bool (True = masked).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -50,6 +52,7 @@ from pipeline.loader import make_loader
 from pipeline.masking import ClipSpec
 
 UNITS = ("clips", "videos")
+log = logging.getLogger(__name__)
 
 
 class Session(Protocol):
@@ -63,7 +66,8 @@ class Session(Protocol):
         """Context manager yielding a local directory of the run's latest checkpoint, or None."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
-        """Hand over a logged step's metrics and, when given, the folder holding this rank's train state."""
+        """Hand over a logged step's metrics and, when given, the folder holding this rank's train state
+        (the session owns it from then on and deletes it when done with it)."""
 
     def preempted(self) -> bool:
         """Whether the node is about to be reclaimed (save a checkpoint now)."""
@@ -76,7 +80,8 @@ class RayTrainSession:
     """The trainer inside a Ray Train worker: rank, world and device from Ray Train's context, checkpoints
     through ``ray.train.report`` (Ray Train keeps the last ``num_to_keep`` in the run directory)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, async_upload: bool = False) -> None:
+        self.async_upload = async_upload
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -94,11 +99,23 @@ class RayTrainSession:
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
-            checkpoint_dir_name=ckpt.checkpoint_dir_name(step),
-        )
+        if self.async_upload:  # training goes on while Ray uploads; Ray deletes the folder afterwards
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                checkpoint_dir_name=ckpt.checkpoint_dir_name(step),
+                checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                delete_local_checkpoint_after_upload=True,
+            )
+            return
+        try:
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                checkpoint_dir_name=ckpt.checkpoint_dir_name(step),
+            )
+        finally:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     def preempted(self) -> bool:
         return ray.train.get_preemption_info() is not None
@@ -122,22 +139,23 @@ class LocalSession:
 
     @contextlib.contextmanager
     def checkpoint(self) -> Iterator[str | None]:
-        from pipeline import storage
-
         url = ckpt.latest_checkpoint_dir(self.run_url)
         if url is None:
             yield None
-        elif storage.protocol(url) == "file":
-            yield storage.get_fs(url)[1]
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                fs, path = storage.get_fs(url)
-                fs.get(path + "/", tmp + "/", recursive=True)
-                yield tmp
+            return
+        with ckpt.local_copy(url) as cdir:
+            yield cdir
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
         if checkpoint_dir is None:
             return
+
+        try:
+            self._copy(checkpoint_dir, step)
+        finally:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    def _copy(self, checkpoint_dir: str, step: int) -> None:
         from pipeline import storage
 
         url = storage.join(self.run_url, ckpt.checkpoint_dir_name(step))
@@ -219,8 +237,13 @@ def wrap(model: nn.Module, p: ParallelConfig, session: Session) -> nn.Module:
     return model
 
 
-def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def mean_over_ranks(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    """The mean over ranks of each value (floats or 0-d tensors on any device, DTensors too: FSDP2's grad
+    norm); one host sync."""
+    from torch.distributed.tensor import DTensor
+
+    plain = [v.full_tensor() if isinstance(v, DTensor) else v for v in values]
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in plain])
     if dist.is_initialized():
         dist.all_reduce(t)
         t /= dist.get_world_size()
@@ -255,11 +278,12 @@ def optimizer_step(
     grad_clip: float | None,
     global_batch: int,
 ) -> tuple[float, float]:
-    """Clip, step, advance step/samples and the samples-keyed schedule. Returns (grad_norm, lr used)."""
-    grad_norm = float("nan")
+    """Clip, step, advance step/samples and the samples-keyed schedule. Returns (grad_norm, lr used); the
+    grad norm stays a device tensor (read at logged steps only)."""
+    grad_norm: torch.Tensor | float = float("nan")
     if grad_clip is not None:
         scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).detach()
     lr = schedule.get_last_lr()
     scaler.step(optimizer)
     scaler.update()
@@ -274,13 +298,25 @@ class Trainer:
     """Builds every part of a run for ``task`` in ``session`` (default: this Ray Train worker), restores them
     from the run's latest checkpoint if there is one, and trains (:meth:`fit`)."""
 
-    def __init__(self, task: Task, *, log_dir: str, export_url: str, session: Session | None = None) -> None:
+    def __init__(
+        self,
+        task: Task,
+        *,
+        log_dir: str,
+        export_url: str,
+        session: Session | None = None,
+        run_url: str | None = None,
+        lineage: dict[str, Any] | None = None,
+    ) -> None:
         if task.unit not in UNITS:
             raise ValueError(f"task.unit must be one of {UNITS}, got {task.unit!r}")
         self.started = time.perf_counter()
         cfg = self.cfg = task.cfg
-        self.task, self.log_dir, self.export_url = task, log_dir, export_url
-        self.session = session = session if session is not None else RayTrainSession()
+        self.task, self.log_dir, self.export_url, self.lineage = task, log_dir, export_url, lineage
+        if session is None:
+            session = RayTrainSession(async_upload=cfg.checkpoint.upload == "async")
+        self.session = session
+        self.run_url = run_url or getattr(session, "run_url", None) or cfg.run_url
         self.rank, self.world = rank, world = session.rank, session.world_size
         self.device = session.device
         self.sharded = cfg.parallel.strategy == "fsdp"
@@ -317,27 +353,58 @@ class Trainer:
                 "rng": ckpt.RNGState(),
             }
             if cdir is not None:
-                ckpt.load_train_state(
-                    cdir,
-                    self.state,
-                    rank=rank,
-                    world_size=world,
-                    sharded=self.sharded,
-                    reseed=lambda step: ckpt.seed_everything(cfg.seed * 100_003 + rank + 7919 * step),
-                )
+                self._restore(cdir)
+
+    def _restore(self, cdir: str) -> None:
+        """Load every part from the run's latest checkpoint ``cdir``; if it does not load (truncated, corrupt,
+        half-written), fall back to the newest older ``step_*`` of the run that does, saying which one was
+        skipped and why. ``ValueError`` naming the run when none loads."""
+        cfg, rank = self.cfg, self.rank
+
+        def load(directory: str) -> None:
+            ckpt.load_train_state(
+                directory, self.state, rank=rank, world_size=self.world, sharded=self.sharded,
+                reseed=lambda step: ckpt.seed_everything(cfg.seed * 100_003 + rank + 7919 * step),
+            )  # fmt: skip
+
+        try:
+            load(cdir)
+            return
+        except Exception as e:  # noqa: BLE001 - any failure to read it means "try an older one"
+            first = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        older = ckpt.checkpoint_dirs(self.run_url)[1:]  # the newest is the one that just failed
+        log.warning("rank %d: latest checkpoint of %s does not load (%s); trying %d older one(s)",
+                    rank, self.run_url, first, len(older))  # fmt: skip
+        for url in older:
+            try:
+                with ckpt.local_copy(url) as d:
+                    load(d)
+            except Exception as e:  # noqa: BLE001
+                log.warning("rank %d: skipped checkpoint %s: %s: %s", rank, url, type(e).__name__, e)
+                continue
+            log.warning("rank %d: resumed from %s (newer checkpoints did not load)", rank, url)
+            return
+        raise ValueError(f"no checkpoint of {self.run_url} loads (latest: {first})")
 
     # ---- one optimizer step ------------------------------------------------------------------------------
     def _train_step(self, stream: Iterator[tuple[int, dict[str, Any]]], timer: StepTimer) -> dict[str, Any]:
-        """``accum_steps`` micro-batches, then the optimizer step; returns what the step measured."""
+        """``accum_steps`` micro-batches, then the optimizer step; returns what the step measured. Losses and
+        statistics stay on the device (no host sync per step): they are read at logged steps only."""
         cfg, model, accum = self.cfg, self.state["model"], self.cfg.optim.accum_steps
         timer.start()
         model.train()
-        loss_sum, stats, epoch = 0.0, {}, 0
+        loss_sum: torch.Tensor | float = 0.0
+        stats: dict[str, Any] = {}
+        epoch = 0
         for micro in range(accum):
             t0 = time.perf_counter()
             epoch, batch = next(stream)
             timer.data(time.perf_counter() - t0)
+            if cfg.fault.keys_log:
+                self._log_keys(epoch, batch)
             last_micro = micro == accum - 1
+            if self.sharded and accum > 1:  # FSDP2: reduce-scatter gradients on the last micro-batch only
+                model.set_requires_gradient_sync(last_micro)
             no_sync = (
                 model.no_sync() if hasattr(model, "no_sync") and not last_micro else contextlib.nullcontext()
             )
@@ -347,51 +414,72 @@ class Trainer:
             with no_sync, autocast:
                 loss, micro_stats = self.task.forward(model, batch, self.device)
             self.state["scaler"].scale(loss / accum).backward()
-            loss_sum += float(loss.detach())
+            loss_sum = loss_sum + loss.detach().float()
             for k, v in micro_stats.items():
-                stats[k] = stats.get(k, 0.0) + float(v)
+                stats[k] = stats.get(k, 0.0) + v
         maybe_kill(cfg, self.rank, self.state["progress"].step + 1)
         grad_norm, lr = optimizer_step(
             model, self.state["optimizer"], self.state["scaler"], self.state["schedule"],
             self.state["progress"], cfg.optim.grad_clip, self.plan.global_batch,
         )  # fmt: skip
-        step_s, wait_frac = timer.stop()
+        _, _ = timer.stop()
         return {"loss": loss_sum / accum, "stats": stats, "epoch": epoch, "lr": lr, "grad_norm": grad_norm,
-                "step_s": step_s, "wait_frac": wait_frac}  # fmt: skip
+                "data_s": timer.data_s}  # fmt: skip
 
-    def _metrics(self, out: dict[str, Any], peak_total: float | None) -> dict[str, float]:
-        """Rank-averaged metrics of a logged step (collective: every rank calls it)."""
+    def _log_keys(self, epoch: int, batch: dict[str, Any]) -> None:
+        """Test hook (``fault.keys_log``): which valid samples this rank trains on at the next step."""
+        import json
+
+        os.makedirs(self.cfg.fault.keys_log, exist_ok=True)
+        keys = [k for k, ok in zip(batch["key"], batch["valid"].tolist(), strict=True) if ok]
+        rec = {"step": self.state["progress"].step + 1, "epoch": epoch, "world": self.world, "keys": keys,
+               "t": time.time()}  # fmt: skip
+        path = os.path.join(self.cfg.fault.keys_log, f"rank_{self.rank}-{os.getpid()}.jsonl")
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _metrics(
+        self, out: dict[str, Any], interval: dict[str, float], peak_total: float | None
+    ) -> dict[str, float]:
+        """Rank-averaged metrics of a logged step (collective: every rank calls it; the one host sync of the
+        interval). Throughput and data-wait fraction are over the ``interval`` since the last logged step."""
         names = sorted(out["stats"])
-        loss, wait, *stats = mean_over_ranks(
-            [out["loss"], out["wait_frac"], *(out["stats"][k] for k in names)], self.device
+        wall = max(time.perf_counter() - interval["t0"], 1e-9)
+        loss, wait, grad_norm, *stats = mean_over_ranks(
+            [out["loss"], interval["data_s"] / wall, out["grad_norm"], *(out["stats"][k] for k in names)],
+            self.device,
         )
         progress, unit = self.state["progress"], self.task.unit
-        per_s = self.plan.global_batch / out["step_s"]
+        per_s = self.plan.global_batch * interval["steps"] / wall
         metrics = {"loss": loss, **self.task.summarize(dict(zip(names, stats, strict=True))), "lr": out["lr"],
                    f"{unit}_per_s": per_s}  # fmt: skip
         flops = self.task.flops_per_sample()
         if flops is not None and peak_total is not None:
             metrics["mfu"] = mfu(per_s, flops, peak_total)
+        cuda = self.device.type == "cuda"
         metrics.update(
-            elapsed_s=time.perf_counter() - self.started,  # since the trainer was built (Ray's start-up is not in it)
-            data_wait_frac=wait,
-            grad_norm=out["grad_norm"],
+            elapsed_s=time.perf_counter()
+            - self.started,  # since the trainer was built (Ray's start-up is not in it)
+            data_wait_frac=min(wait, 1.0),
+            grad_norm=grad_norm,
             samples_seen=float(progress.samples_seen),
             epoch=float(out["epoch"]),
             world_size=float(self.world),
             skipped=float(self.state["loader"].stats["skipped"]),
-            peak_mem_gb=torch.cuda.max_memory_allocated(self.device) / 1e9
-            if self.device.type == "cuda"
-            else 0.0,
+            peak_mem_gb=torch.cuda.max_memory_allocated(self.device) / 1e9 if cuda else 0.0,
         )
         return metrics
 
     # ---- checkpoints and the exported model ---------------------------------------------------------------
     def report_checkpoint(self, report: dict[str, Any]) -> None:
         """Write this rank's part of the train state into a temporary folder and hand it to the session."""
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt.save_train_state(tmp, self.state, rank=self.rank, sharded=self.sharded)
-            self.session.report(report, tmp, self.state["progress"].step)
+        tmp = tempfile.mkdtemp(prefix="vmae-ckpt-")
+        try:
+            ckpt.save_train_state(tmp, self.state, rank=self.rank, sharded=self.sharded, lineage=self.lineage)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.session.report(report, tmp, self.state["progress"].step)
 
     def export(self) -> None:
         """Rank 0 writes the finished model to ``export_url`` (``model.save_checkpoint``). Sharded (FSDP2)
@@ -401,7 +489,7 @@ class Trainer:
         model = self.state["model"]
         if not self.sharded:
             if self.rank == 0:
-                save_checkpoint(ckpt.unwrap(model), self.export_url)
+                save_checkpoint(ckpt.unwrap(model), self.export_url, lineage=self.lineage)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -409,7 +497,7 @@ class Trainer:
         if self.rank == 0:
             plain = self.task.build_model(resuming=True)
             plain.load_state_dict(full)
-            save_checkpoint(plain, self.export_url)
+            save_checkpoint(plain, self.export_url, lineage=self.lineage)
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -420,11 +508,14 @@ class Trainer:
             peak = device_peak_flops(self.device, cfg.metrics.peak_flops_per_worker)
             peak_total = mean_over_ranks([peak], self.device)[0] * self.world
         stream, timer = epochs(self.state["loader"]), StepTimer()
+        interval = {"t0": time.perf_counter(), "steps": 0, "data_s": 0.0}
         stop_step = cfg.stop_at_step if cfg.stop_at_step is not None else float("inf")
         preempt_saved = False
         try:
             while progress.samples_seen < self.total_samples and progress.step < stop_step:
                 out = self._train_step(stream, timer)
+                interval["steps"] += 1
+                interval["data_s"] += out["data_s"]
                 done = progress.samples_seen >= self.total_samples
                 save = (
                     progress.step % cfg.checkpoint.every_steps == 0
@@ -436,11 +527,13 @@ class Trainer:
                     save = preempt_saved = True
                 if not (save or progress.step % cfg.metrics.log_every == 0 or done):
                     continue
-                metrics = self._metrics(out, peak_total)
+                metrics = self._metrics(out, interval, peak_total)
+                interval = {"t0": time.perf_counter(), "steps": 0, "data_s": 0.0}
                 if logger is not None:
                     logger.log(progress.step, metrics)
                     if cfg.metrics.image_every and progress.step % cfg.metrics.image_every == 0:
                         self.task.on_log(progress.step, logger.log_dir, ckpt.unwrap(self.state["model"]))
+                    self._sync_logs()
                 report = {"step": progress.step, **metrics}
                 if save:
                     self.report_checkpoint(report)
@@ -451,23 +544,45 @@ class Trainer:
         finally:
             if logger is not None:
                 logger.close()
+                self._sync_logs()
+
+    def _sync_logs(self) -> None:
+        """Rank 0: with the run on an object store, copy the local log folder (metrics.jsonl, TensorBoard,
+        PNGs) to ``<run>/logs`` — from here, since the driver may run on a node that cannot see it."""
+        from pipeline import storage
+
+        if storage.protocol(self.run_url) == "file" or not os.path.isdir(self.log_dir):
+            return
+        fs, remote = storage.get_fs(storage.join(self.run_url, "logs"))
+        storage.retry(lambda: fs.put(self.log_dir.rstrip("/") + "/", remote + "/", recursive=True))
 
 
 def run_local(task: Task, *, run_url: str, log_dir: str, export_url: str, device: str | None = None) -> None:
     """Run ``task`` to its end (or ``stop_at_step``) in this process with a :class:`LocalSession` on
-    ``run_url``, resuming from its latest checkpoint. The resolved config is saved in the run directory."""
+    ``run_url``, resuming from its latest checkpoint. The resolved config is saved in the run directory; every
+    checkpoint and the export record the run's lineage (``jobs.lineage``)."""
     from jobs.config import save_config
+    from jobs.lineage import build_lineage
 
     save_config(task.cfg, run_url)
     session = LocalSession(run_url, num_to_keep=task.cfg.checkpoint.num_to_keep, device=device)
-    Trainer(task, log_dir=log_dir, export_url=export_url, session=session).fit()
+    Trainer(
+        task, log_dir=log_dir, export_url=export_url, session=session, lineage=build_lineage(task.cfg)
+    ).fit()
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``{"task": the task class, "cfg": its resolved config as a dict,
-    "log_dir": where rank 0 logs, "export_url": where rank 0 writes the finished model}``."""
+    "log_dir": where rank 0 logs, "export_url": where rank 0 writes the finished model, "lineage": what the
+    driver recorded (``jobs.lineage.build_lineage``), "credentials": a Ray object of storage credentials}``."""
     from jobs.config import from_dict
+    from pipeline import storage
 
+    if config.get("credentials") is not None:
+        storage.install_credentials(ray.get(config["credentials"]))
     task_cls = config["task"]
     task = task_cls(from_dict(task_cls.config_class, config["cfg"]))
-    Trainer(task, log_dir=config["log_dir"], export_url=config["export_url"]).fit()
+    Trainer(
+        task, log_dir=config["log_dir"], export_url=config["export_url"], run_url=config.get("run_url"),
+        lineage=config.get("lineage"),
+    ).fit()  # fmt: skip

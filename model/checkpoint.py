@@ -33,6 +33,7 @@ from model.videomae import VideoMAE, VideoMAEClassifier
 from pipeline.storage import exists, get_fs, join, read_bytes, write_bytes_atomic
 
 FORMATS = ("vmae", "hf", "official")
+LINEAGE_PTH = "vmae_lineage"  # the key in an official .pth / HF config.json
 VMAE_META = "vmae.json"
 WEIGHTS = "model.safetensors"
 HF_CONFIG = "config.json"
@@ -63,19 +64,31 @@ def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return to_official(_cpu_state(model), _kind(model))
 
 
-def save_checkpoint(model: nn.Module, url: str, *, format: str = "vmae") -> str:
+def save_checkpoint(model: nn.Module, url: str, *, format: str = "vmae", lineage: dict | None = None) -> str:
     """Write ``model`` (full, unsharded state) to ``url`` in ``format``: a directory for "vmae"/"hf", a ``.pth``
     file for "official"; returns ``url``. A directory's config file is written last, so its presence marks a
     complete checkpoint. An official pretraining file of an ``encoder_norm=False`` model has no
-    ``encoder.norm`` (the official finetuning loads it; the official pretraining class would not)."""
+    ``encoder.norm`` (the official finetuning loads it; the official pretraining class would not).
+
+    ``lineage`` (JSON-able, ``jobs.lineage``) is stored with the weights: ``vmae.json``'s ``lineage``, the HF
+    ``config.json``'s ``vmae_lineage`` (transformers keeps unknown keys), the ``.pth``'s ``vmae_lineage`` (a
+    JSON string, so ``weights_only`` loading reads it); :func:`read_lineage` gets it back."""
     if format not in FORMATS:
         raise ValueError(f"checkpoint format must be one of {FORMATS}, got {format!r}")
     model = _unwrap(model)
     state = _cpu_state(model)
     kind = _kind(model)
+    if format != "vmae" and kind == CLASSIFIER and model.cfg.classifier_pool != "mean":
+        raise ValueError(
+            f"{url}: a classifier with classifier_pool={model.cfg.classifier_pool!r} has no {format} layout "
+            "(its head reads T' pooled slices); save it as vmae"
+        )
     if format == "official":
         buffer = io.BytesIO()
-        torch.save({"model": to_official(state, kind)}, buffer)
+        obj = {"model": to_official(state, kind)}
+        if lineage is not None:
+            obj[LINEAGE_PTH] = json.dumps(lineage, sort_keys=True)
+        torch.save(obj, buffer)
         write_bytes_atomic(url, buffer.getvalue())
         return url
     if format == "hf":
@@ -83,11 +96,15 @@ def save_checkpoint(model: nn.Module, url: str, *, format: str = "vmae") -> str:
         num_classes = model.num_classes if kind == CLASSIFIER else None
         write_bytes_atomic(join(url, WEIGHTS), st_save(tensors, metadata={"format": "pt"}))
         config = hf_config(model.cfg, kind, num_classes)
+        if lineage is not None:
+            config[LINEAGE_PTH] = lineage
         write_bytes_atomic(join(url, HF_CONFIG), json.dumps(config, indent=2).encode())
         return url
     meta = {"format_version": 1, "kind": kind, "config": dataclasses.asdict(model.cfg)}
     if isinstance(model, VideoMAEClassifier):
         meta.update(num_classes=model.num_classes, head_drop=model.head_drop.p)
+    if lineage is not None:
+        meta["lineage"] = lineage
     write_bytes_atomic(join(url, WEIGHTS), st_save(state, metadata={"format": "pt"}))
     write_bytes_atomic(join(url, VMAE_META), json.dumps(meta, indent=2).encode())
     return url
@@ -207,7 +224,8 @@ def load_checkpoint(url: str, *, cfg: VideoMAEConfig | None = None) -> tuple[Mod
     weights) or ``VideoMAEClassifier`` (finetuned weights). ``cfg`` overrides the stored/inferred config (its
     architecture must match the weights; clip size and objective settings may differ).
 
-    Returns ``(model, meta)`` with ``meta = {"format", "kind", "url", "config_inferred", "extra"}``."""
+    Returns ``(model, meta)`` with ``meta = {"format", "kind", "url", "config_inferred", "extra", "lineage"}``
+    (``lineage`` None when the checkpoint records none)."""
     weights, vmae_meta, hf_cfg = join(url, WEIGHTS), join(url, VMAE_META), join(url, HF_CONFIG)
     fs, path = get_fs(url)
     is_dir = fs.isdir(path)
@@ -216,8 +234,10 @@ def load_checkpoint(url: str, *, cfg: VideoMAEConfig | None = None) -> tuple[Mod
     extra: dict = {}
     inferred = False
     head_drop = 0.0
+    lineage = None
     if is_dir and exists(vmae_meta):
         fmt, meta = "vmae", _read_json(vmae_meta)
+        lineage = meta.get("lineage")
         kind, state = meta.get("kind"), _read_safetensors(weights)
         try:
             stored = VideoMAEConfig(**meta["config"])
@@ -229,6 +249,7 @@ def load_checkpoint(url: str, *, cfg: VideoMAEConfig | None = None) -> tuple[Mod
         head_drop = float(meta.get("head_drop", 0.0))
     elif is_dir and exists(hf_cfg):
         fmt, hf = "hf", _read_json(hf_cfg)
+        lineage = hf.get(LINEAGE_PTH)
         raw, weights = _read_hf_weights(url)
         kind = _kind_of(raw.keys(), weights)
         state = from_hf(raw, kind)
@@ -238,10 +259,37 @@ def load_checkpoint(url: str, *, cfg: VideoMAEConfig | None = None) -> tuple[Mod
     else:
         fmt, weights = "official", url
         raw, extra, args = _read_official(url)
+        lineage = _lineage_of_official(extra.pop(LINEAGE_PTH, None), url)
         kind = _kind_of(raw.keys(), url)
         state = from_official(raw, kind)
         if cfg is None:
             cfg, inferred = infer_config(state, kind, where=url, args=args), True
     model = _build(kind, cfg, state, weights, head_drop=head_drop)
     _load_into(model, state, weights)
-    return model, {"format": fmt, "kind": kind, "url": url, "config_inferred": inferred, "extra": extra}
+    return model, {"format": fmt, "kind": kind, "url": url, "config_inferred": inferred, "extra": extra,
+                   "lineage": lineage}  # fmt: skip
+
+
+def _lineage_of_official(raw: str | None, url: str) -> dict | None:
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{url}: {LINEAGE_PTH} is not valid JSON: {e}") from e
+
+
+def read_lineage(url: str) -> dict | None:
+    """The lineage stored with the checkpoint at ``url`` (see :func:`save_checkpoint`), reading only its
+    metadata for a directory; ``None`` when it records none (e.g. a published checkpoint)."""
+    fs, path = get_fs(url)
+    if fs.isdir(path):
+        if exists(join(url, VMAE_META)):
+            return _read_json(join(url, VMAE_META)).get("lineage")
+        if exists(join(url, HF_CONFIG)):
+            return _read_json(join(url, HF_CONFIG)).get(LINEAGE_PTH)
+        raise ValueError(f"{url}: directory holds neither {VMAE_META} (vmae) nor {HF_CONFIG} (hf)")
+    if not fs.exists(path):
+        raise ValueError(f"checkpoint {url!r} does not exist")
+    _, extra, _ = _read_official(url)
+    return _lineage_of_official(extra.get(LINEAGE_PTH), url)

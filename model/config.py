@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pipeline.decoder_masking import check_decoder_mask, num_decoder_kept
 from pipeline.masking import MASK_TYPES, ClipSpec, num_masked
 
+CLASSIFIER_POOLS = ("mean", "time")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VideoMAEConfig:
@@ -50,6 +52,11 @@ class VideoMAEConfig:
     # classifier: mean over all tokens -> fc_norm (True, official default), or the encoder's final norm -> the first
     # token (False: official ``--use_cls``, HF ``use_mean_pooling=false``; there is no CLS token)
     use_mean_pooling: bool = True
+    # with use_mean_pooling: "mean" over all T'*H'*W' tokens (official), or "time": a mean over space per temporal
+    # slice, each slice fc_norm-ed, the T' slices concatenated in time order (head input T'*D). A mean over all
+    # tokens also averages the order of events away; "time" keeps it for a small model that has not learnt to
+    # write motion into every token (the CPU studies' motion classes). Not an official / HF layout.
+    classifier_pool: str = "mean"
     # pretraining model: the encoder ends in a LayerNorm (official); HF use_mean_pooling=true pretraining has none
     encoder_norm: bool = True
     # VideoMAE V2 dual masking: "run_cell" decoders reconstruct only the tokens a data-side decoder mask keeps
@@ -81,6 +88,14 @@ class VideoMAEConfig:
         for name in ("qkv_bias", "norm_pix_loss", "use_mean_pooling", "encoder_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"model.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.classifier_pool not in CLASSIFIER_POOLS:
+            raise ValueError(
+                f"model.classifier_pool must be one of {CLASSIFIER_POOLS}, got {self.classifier_pool!r}"
+            )
+        if self.classifier_pool != "mean" and not self.use_mean_pooling:
+            raise ValueError(
+                "model.classifier_pool='time' needs use_mean_pooling=true (it pools, then fc_norm)"
+            )
         if not self.mlp_ratio > 0 or int(self.encoder_width * self.mlp_ratio) <= 0:
             raise ValueError(f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
         if not self.norm_pix_eps > 0:

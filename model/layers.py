@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import DropPath, Mlp
+from timm.layers import Mlp
 from torch import nn
 
 LN_EPS = 1e-6  # official VideoMAE: partial(nn.LayerNorm, eps=1e-6) everywhere
@@ -70,16 +70,38 @@ class Attention(nn.Module):
         return self.proj(rearrange(out_BHND, "b h n d -> b n (h d)"))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's ``DropPath``, scaled by the keep probability), with the rate in a
+    non-persistent buffer: torch.compile guards on a tensor's metadata, not its value, so blocks with
+    different rates (0 .. drop_path_rate) run one compiled graph instead of recompiling per block (past
+    dynamo's recompile limit of 8, a ViT-B with 12 blocks fails). State-dict keys are unchanged."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+        self.register_buffer("rate", torch.tensor(float(rate)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + DropPath(Attn(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``."""
 
     def __init__(
-        self, dim: int, num_heads: int, *, mlp_hidden: int, qkv_bias: bool, drop_path: float
+        self, dim: int, num_heads: int, *, mlp_hidden: int, qkv_bias: bool, drop_path: float | None
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # None: no drop path in the whole model (no RNG drawn); else a DropPath even at rate 0 (block 0), so
+        # every block has the same structure for torch.compile
+        self.drop_path = DropPath(drop_path) if drop_path is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(in_features=dim, hidden_features=mlp_hidden, act_layer=nn.GELU)
 
@@ -93,6 +115,8 @@ def make_blocks(
 ) -> nn.ModuleList:
     """``depth`` blocks with drop-path rising linearly from 0 to ``drop_path_rate`` (official schedule)."""
     rates = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+    if drop_path_rate == 0:
+        rates = [None] * depth
     return nn.ModuleList(
         Block(dim, num_heads, mlp_hidden=mlp_hidden, qkv_bias=qkv_bias, drop_path=r) for r in rates
     )

@@ -60,14 +60,21 @@ def parallelize(
     if compile:
         for blocks in lists:
             for block in blocks:
-                block.compile(backend=compile_backend, fullgraph=True)
+                # static shapes: the token counts are fixed per block list; dynamic=None would mark N, D and the
+                # head count symbolic after the first recompile (encoder vs decoder blocks) and slow every step
+                block.compile(backend=compile_backend, fullgraph=True, dynamic=False)
     if fsdp:
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-        kwargs = {"mesh": mesh, "mp_policy": mp}
         for blocks in lists:
             for block in blocks:
-                fully_shard(block, **kwargs)
-        fully_shard(model, **kwargs)
+                fully_shard(block, mesh=mesh, mp_policy=mp)
+        # the root keeps its inputs as they come: it computes the normalised-pixel target from the video, which
+        # must stay float32 (a bf16 cast of the input would quantise the loss target); autocast casts for the
+        # patch embedding
+        root_mp = MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False
+        )
+        fully_shard(model, mesh=mesh, mp_policy=root_mp)
         if hasattr(model, "forward_features"):  # eval/probing entry point: gather params like forward
             register_fsdp_forward_method(model, "forward_features")
     return model

@@ -344,7 +344,9 @@ class VideoMAE(nn.Module):
 class VideoMAEClassifier(nn.Module):
     """Finetuning model: the same ``encoder``, pooled, dropout, linear ``head``; ``forward(video) -> logits
     [B, num_classes]``. ``use_mean_pooling`` (official default): no final encoder norm, mean over all tokens,
-    ``fc_norm``. Otherwise (official ``--use_cls``): final encoder norm, then the first token (no CLS token)."""
+    ``fc_norm``; with ``classifier_pool="time"`` a mean over space per temporal slice, ``fc_norm`` per slice,
+    the ``T'`` slices concatenated (``[B, T' * D]``). Otherwise (official ``--use_cls``): final encoder norm,
+    then the first token (no CLS token)."""
 
     def __init__(
         self, cfg: VideoMAEConfig, num_classes: int, *, head_drop: float = 0.0, init_scale: float = 0.001
@@ -361,16 +363,22 @@ class VideoMAEClassifier(nn.Module):
         self.encoder = VideoMAEEncoder(cfg, final_norm=not cfg.use_mean_pooling)
         self.fc_norm = nn.LayerNorm(cfg.encoder_width, eps=LN_EPS) if cfg.use_mean_pooling else None
         self.head_drop = nn.Dropout(head_drop)
-        self.head = nn.Linear(cfg.encoder_width, num_classes)
+        slices = cfg.grid[0] if cfg.classifier_pool == "time" else 1
+        self.head = nn.Linear(cfg.encoder_width * slices, num_classes)
         _init_linear_ln(self, lambda w: nn.init.trunc_normal_(w, std=0.02))
         with torch.no_grad():
             self.head.weight.mul_(init_scale)
 
     def forward_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
-        """Pooled, normalised clip embedding ``[B, D]``."""
+        """Pooled, normalised clip embedding ``[B, D]`` (``[B, T' * D]`` with ``classifier_pool="time"``)."""
         _check_video(self.cfg, video_BCTHW)
         x_BLD = self.encoder(video_BCTHW)
-        return x_BLD[:, 0] if self.fc_norm is None else self.fc_norm(x_BLD.mean(dim=1))
+        if self.fc_norm is None:
+            return x_BLD[:, 0]
+        if self.cfg.classifier_pool == "time":  # tokens are in (t, h, w) order
+            x_BTD = x_BLD.unflatten(1, (self.cfg.grid[0], -1)).mean(dim=2)
+            return self.fc_norm(x_BTD).flatten(1)
+        return self.fc_norm(x_BLD.mean(dim=1))
 
     def forward_tokens(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
         """Encoder output over all ``L`` tokens ``[B, L, D]`` (final norm only without mean pooling)."""

@@ -141,9 +141,10 @@ def collate_clips(
     """``V`` shard samples (or their :class:`Decoded` frames) -> one batch of ``B = V * R`` clips (keys:
     ``video, mask, label, valid, key, skipped``).
 
-    A bad sample never stops training: its slots are refilled with copies of the batch's good clips (or,
-    if none, zeros with a fresh mask drawn from ``pad_id``) marked ``valid`` False, so every batch has the
-    same shape on every rank; ``skipped`` lists ``(key, reason)`` for the caller to count.
+    A bad sample never stops training: its slots are refilled with copies of the batch's good clips and their
+    labels (or, if none, zeros with label -1 and a fresh mask drawn from ``pad_id``) marked ``valid`` False,
+    so every batch has the same shape on every rank; ``skipped`` lists ``(key, reason)`` for the caller to
+    count.
     """
     r = cfg.num_sample
     videos, masks, labels, keys, valid, skipped = [], [], [], [], [], []
@@ -165,13 +166,14 @@ def collate_clips(
             v, m, label = None, None, -1
         videos.append(v)
         masks.append(m)
-        labels += [label] * r
+        labels.append(label)
         keys += [key] * r
         valid += [v is not None] * r
     good = [i for i, v in enumerate(videos) if v is not None]
     for n, i in enumerate(i for i, v in enumerate(videos) if v is None):
         if good:
-            videos[i], masks[i] = videos[good[n % len(good)]], masks[good[n % len(good)]]
+            src = good[n % len(good)]
+            videos[i], masks[i], labels[i] = videos[src], masks[src], labels[src]
         else:
             videos[i] = torch.zeros(r, 3, spec.num_frames, spec.input_size, spec.input_size)
             masks[i] = clip_masks(
@@ -180,7 +182,7 @@ def collate_clips(
     return {
         "video": torch.cat(videos),
         "mask": torch.cat(masks),
-        "label": torch.tensor(labels, dtype=torch.int64),
+        "label": torch.tensor(labels, dtype=torch.int64).repeat_interleave(r),
         "valid": torch.tensor(valid, dtype=torch.bool),
         "key": keys,
         "skipped": skipped,

@@ -11,6 +11,7 @@ falls back to PyAV; a file neither can decode raises :class:`BadSample`.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -70,7 +71,8 @@ def check_length(key: str, n: int, min_frames: int) -> None:
 def read_clip_frames(
     data: bytes, choose: Callable[[int], Sequence[int]], *, key: str = "?", min_frames: int = 1
 ) -> tuple[np.ndarray, list[int], str]:
-    """Decode the frames ``choose(num_frames_in_video)`` selects from an in-memory video.
+    """Decode the frames ``choose(num_frames_in_video)`` selects from an in-memory video (``choose`` is called
+    again, with PyAV's frame count, when decord fails part-way).
 
     Returns ``(frames_THWC uint8 [T, H, W, 3], indices, backend)`` with backend ``"decord"`` or ``"pyav"``.
     Raises :class:`BadSample` when neither backend decodes it or it has fewer than ``min_frames`` frames.
@@ -124,12 +126,15 @@ def iter_shard(
     want: Callable[[str], bool],
     cfg: storage.StorageConfig | None = None,
     on_error: Callable[[str], None] | None = None,
+    expect: tuple[int, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Stream the samples of one tar shard whose key satisfies ``want`` (dicts: ``__key__``, ``mp4``, ...).
 
     Members of unwanted samples are skipped by the tar reader (never kept in memory). Read errors (missing
     shard, truncated tar) are reported through ``on_error`` and end the shard early instead of raising:
-    the caller accounts for the samples it expected and did not get.
+    the caller accounts for the samples it expected and did not get. ``expect = (size, sha256)`` from the
+    manifest: a shard of another size yields nothing (reported); with a ``sha256`` the whole shard is read
+    and hashed first, and a mismatch yields nothing (reported).
     """
     errors: list[str] = []
 
@@ -143,8 +148,22 @@ def iter_shard(
 
     try:
         fs, path = storage.get_fs(url, cfg)
-        # 8 MiB read-ahead: a remote shard arrives in a few range requests, never whole in memory
-        stream = storage.retry(lambda: fs.open(path, "rb", block_size=READ_BLOCK), cfg=cfg)
+        if expect is not None and expect[0] >= 0:
+            size = storage.retry(lambda: fs.size(path), cfg=cfg)
+            if size != expect[0]:
+                if on_error:
+                    on_error(f"shard {url} failed verification: {size} bytes, the manifest says {expect[0]}")
+                return
+        if expect is not None and expect[1]:
+            data = storage.retry(lambda: fs.cat_file(path), cfg=cfg)
+            if hashlib.sha256(data).hexdigest() != expect[1]:
+                if on_error:
+                    on_error(f"shard {url} failed verification: its sha256 differs from the manifest's")
+                return
+            stream = io.BytesIO(data)
+        else:
+            # 8 MiB read-ahead: a remote shard arrives in a few range requests, never whole in memory
+            stream = storage.retry(lambda: fs.open(path, "rb", block_size=READ_BLOCK), cfg=cfg)
     except Exception as e:  # noqa: BLE001 - reported, the shard's samples count as missing
         if on_error:
             on_error(f"cannot open shard {url}: {_short(e)}")
@@ -163,6 +182,7 @@ def stream_in_order(
     order: list[str],
     *,
     cfg: storage.StorageConfig | None = None,
+    expect: list[tuple[int, str]] | None = None,
 ) -> Iterator[tuple[str, dict[str, Any] | BadSample]]:
     """Yield ``(key, sample)`` for every key of ``order``, in that order, reading each shard once.
 
@@ -170,7 +190,7 @@ def stream_in_order(
     Samples read ahead of their turn wait in memory; when ``order`` is a bounded-buffer shuffle of
     ``inputs`` that wait is bounded by the buffer size. Shards holding no key of ``order`` are not opened.
     A key its shard did not deliver (missing member, truncated or unreadable shard) comes as a
-    :class:`BadSample` instead of a sample.
+    :class:`BadSample` instead of a sample. ``expect[i]`` is ``iter_shard``'s check of ``urls[i]``.
     """
     left = Counter(order)  # a key may repeat (``remainder="pad"``): keep it until its last turn
     shard_keys: dict[int, set[str]] = {}  # insertion order = read order
@@ -193,7 +213,9 @@ def stream_in_order(
 
     for s, expected in shard_keys.items():
         seen: set[str] = set()
-        for sample in iter_shard(urls[s], want=expected.__contains__, cfg=cfg, on_error=errors.append):
+        check = expect[s] if expect is not None else None
+        for sample in iter_shard(urls[s], want=expected.__contains__, cfg=cfg, on_error=errors.append,
+                                 expect=check):  # fmt: skip
             key = sample["__key__"]
             if key not in seen:
                 seen.add(key)

@@ -54,6 +54,7 @@ from pipeline.transforms import VIDEOMAE_SCALES
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 REMAINDER = ("drop", "pad")
+VERIFY = ("size", "sha256", "none")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,6 +79,7 @@ class LoaderConfig:
     scales: tuple[float, ...] = VIDEOMAE_SCALES
     min_frames: int = 1
     remainder: str = "drop"  # one of REMAINDER
+    verify: str = "size"  # check each shard against the manifest before reading: "size", "sha256" or "none"
     cache: bool = False  # keep every decoded video in memory after its first decode (small sets)
     cache_max_mb: int = 4096  # the cache stops growing here (later samples are decoded each epoch)
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
@@ -91,6 +93,8 @@ class LoaderConfig:
                 f"(got {self.num_workers}): DataLoader worker processes are re-created every epoch and "
                 "would lose it"
             )
+        if self.verify not in VERIFY:
+            raise ValueError(f"loader.verify must be one of {VERIFY}, got {self.verify!r}")
         if self.cache_max_mb < 1:
             raise ValueError(f"loader.cache_max_mb must be >= 1, got {self.cache_max_mb}")
         for name, low in (
@@ -127,10 +131,13 @@ class LoaderConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ShardKeys:
-    """A shard's URL and its selected keys, in tar order."""
+    """A shard's URL and its selected keys, in tar order; its size and sha256 from the manifest (-1 / "":
+    unknown)."""
 
     url: str
     keys: tuple[str, ...]
+    size: int = -1
+    sha256: str = ""
 
 
 def load_shards(cfg: LoaderConfig) -> list[ShardKeys]:
@@ -160,7 +167,8 @@ def load_shards(cfg: LoaderConfig) -> list[ShardKeys]:
                 f"subset {cfg.subset!r}: {len(unknown)} key(s) are not in {cfg.manifest!r}, e.g. {sorted(unknown)[:3]}"
             )
         per_shard = [[k for k in keys if k in chosen] for keys in per_shard]
-    return [ShardKeys(m.shard_url(s), tuple(k)) for s, k in zip(m.shards, per_shard, strict=True) if k]
+    return [ShardKeys(m.shard_url(s), tuple(k), s.size, s.sha256)
+            for s, k in zip(m.shards, per_shard, strict=True) if k]  # fmt: skip
 
 
 def _rng(*words: int) -> np.random.Generator:
@@ -280,8 +288,10 @@ class _ClipStream(IterableDataset):
         spec: ClipSpec,
         epoch: int,
         cache: DecodedCache | None = None,
+        expect: list[tuple[int, str]] | None = None,
     ):
         self.urls, self.plans, self.cursor, self.cfg = urls, plans, cursor, cfg
+        self.expect = expect
         self.spec, self.epoch, self.cache = spec, epoch, cache
 
     def __iter__(self):
@@ -311,11 +321,11 @@ class _ClipStream(IterableDataset):
         (and, with the cache on, decoded whole and kept for the next epochs)."""
         cfg, cache = self.cfg, self.cache
         if cache is None:
-            yield from stream_in_order(self.urls, inputs, order, cfg=cfg.storage)
+            yield from stream_in_order(self.urls, inputs, order, cfg=cfg.storage, expect=self.expect)
             return
         have = {k for k in order if k in cache}  # fixed now: a key repeated later still streams in order
         stream = stream_in_order(self.urls, [i for i in inputs if i[1] not in have],
-                                 [k for k in order if k not in have], cfg=cfg.storage)  # fmt: skip
+                                 [k for k in order if k not in have], cfg=cfg.storage, expect=self.expect)  # fmt: skip
         for key in order:
             if key in have:
                 yield key, cache[key]
@@ -356,7 +366,7 @@ class ClipLoader:
     """Iterable over one rank's batches of the current epoch (dicts, ``B = batch_size`` clips):
 
     ``video`` float32 [B, 3, T, S, S] (ImageNet-normalised), ``mask`` bool [B, L] (True = masked), ``label`` int64 [B] (-1: none),
-    ``valid`` bool [B] (False: a copy standing in for a skipped sample), ``key`` list[str] of length B.
+    ``valid`` bool [B] (False: a copy of a good clip, with its label, standing in for a skipped sample), ``key`` list[str] of length B.
 
     Iterating yields the rest of the epoch from the cursor; finishing it moves to the next epoch (cursor 0).
     ``stats`` counts this rank's batches, videos, clips and skipped samples (aggregated from the workers).
@@ -445,7 +455,9 @@ class ClipLoader:
                 spec=self.spec,
                 epoch=self.epoch,
                 cache=self.cache,
-            )
+                expect=None if cfg.verify == "none" else
+                [(s.size, s.sha256 if cfg.verify == "sha256" else "") for s in self.shards],
+            )  # fmt: skip
             extra = (
                 {"prefetch_factor": cfg.prefetch_factor, "multiprocessing_context": cfg.mp_context}
                 if cfg.num_workers

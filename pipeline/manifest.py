@@ -72,6 +72,7 @@ class Manifest:
 
     def shard_url(self, shard: ShardInfo | str) -> str:
         name = shard.name if isinstance(shard, ShardInfo) else shard
+        check_shard_name(name, self.url)
         return storage.join(self.root, name)
 
     def to_json(self) -> str:
@@ -102,6 +103,14 @@ def code_version() -> str:
     return f"{v}+g{sha}" if sha else v
 
 
+def check_shard_name(name: str, where: str = "manifest") -> None:
+    """A shard name must resolve inside its shard set's folder: a plain relative path, no ``..``, no
+    absolute path or URL (an edited manifest must not make a reader open ``../../etc/passwd``)."""
+    parts = name.replace("\\", "/").split("/")
+    if not name or "://" in name or name.startswith(("/", "~")) or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{where}: shard name {name!r} does not stay inside the shard set's folder")
+
+
 def write_manifest(url: str, manifest: Manifest, cfg: storage.StorageConfig | None = None) -> None:
     storage.write_bytes_atomic(url, manifest.to_json().encode(), cfg)
 
@@ -120,7 +129,12 @@ def read_manifest(url: str, cfg: storage.StorageConfig | None = None) -> Manifes
         raise ValueError(f"manifest {url!r} is not valid JSON: {e}") from e
     if d.get("format") != FORMAT:
         raise ValueError(f"manifest {url!r} has format {d.get('format')!r}, expected {FORMAT!r}")
-    shards = tuple(ShardInfo(**{**s, "keys": tuple(s.get("keys", ()))}) for s in d["shards"])
+    try:
+        shards = tuple(ShardInfo(**{**s, "keys": tuple(s.get("keys", ()))}) for s in d["shards"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"manifest {url!r} has a malformed shard entry: {e}") from e
+    for s in shards:
+        check_shard_name(s.name, f"manifest {url!r}")
     return Manifest(
         shards=shards,
         num_samples=int(d["num_samples"]),

@@ -270,15 +270,26 @@ def _sample_row(sample: dict, shard: str, cfg: QualityConfig) -> dict:
 
 
 def curate_shard(
-    shard_url: str, cfg: QualityConfig, storage_cfg: storage.StorageConfig | None = None
+    shard_url: str,
+    cfg: QualityConfig,
+    storage_cfg: storage.StorageConfig | None = None,
+    keys: tuple[str, ...] = (),
 ) -> pa.Table:
     """Metrics of every sample of one WebDataset shard, one row per sample (``CURATION_SCHEMA``, without
-    the duplicate groups, which need all shards). A sample that cannot be decoded gets its ``error``; a
-    shard that cannot be read raises ``OSError`` (its samples would silently be missing otherwise)."""
+    the duplicate groups, which need all shards). A sample that cannot be decoded gets its ``error``, and so
+    does every one of ``keys`` (the manifest's) that a truncated or corrupt shard did not deliver: skipped
+    and counted, as the loader does. A shard that cannot be opened at all (missing, store down) raises
+    ``OSError``: that is not a verdict on its samples."""
     errors: list[str] = []
     shard = shard_url.rsplit("/", 1)[-1]
     samples = iter_shard(shard_url, want=lambda _: True, cfg=storage_cfg, on_error=errors.append)
     rows = [_sample_row(s, shard, cfg) for s in samples]
-    if errors:
+    if any(e.startswith("cannot open shard") for e in errors):
         raise OSError("; ".join(errors))
+    if errors:
+        seen = {r["key"] for r in rows}
+        why = f"unreadable: {errors[-1][:200]}"
+        for key in keys:
+            if key not in seen:
+                rows.append({"key": key, "shard": shard, "phash": [], "quality_score": 0.0, "error": why})
     return pa.Table.from_pylist(rows, schema=CURATION_SCHEMA)

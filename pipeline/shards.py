@@ -125,8 +125,11 @@ def prepare_sample(
 
     Returns the record (JSON-safe): ``status`` "ok" with ``clips`` (key, frames, size, sha256, ...), or
     "rejected" with ``stage`` and a one-line ``error``; ``cached`` says whether it came from the cache.
-    Never raises for a bad input; storage failures become ``stage="read"`` rejects marked ``retryable``
-    (not cached). Failing to write the work cache raises: that is the output's fault, not the input's."""
+    Only what is wrong with the input itself becomes a cached reject. Failing to read the source becomes a
+    ``stage="read"`` reject marked ``retryable`` (not cached: the job does not commit while any remain). An
+    environment failure while probing or transcoding (full disk, I/O, permission, memory — even when FFmpeg
+    reports it as a decode error) raises :class:`pipeline.storage.EnvironmentFailure` and records nothing;
+    so does failing to write the work cache."""
     record_url = storage.join(work_url, f"{item.key}.json")
     params = params_hash(cfg)
     try:
@@ -149,7 +152,9 @@ def prepare_sample(
     with tempfile.TemporaryDirectory(prefix="vmae-shard-", dir=scratch_dir(work_url, storage_cfg)) as tmp:
         try:
             local, sha = _fetch(item, tmp, storage_cfg)
-        except Exception as e:  # noqa: BLE001 - any storage failure is this source's (retryable) reject
+        except Exception as e:  # noqa: BLE001 - a failed read is this source's retryable reject ...
+            if storage.is_environment_error(e) and not storage.is_transient(e):  # ... unless our disk failed
+                raise storage.EnvironmentFailure(f"reading {item.url} failed: {_one_line(e)}") from e
             return {**base, "status": "rejected", "stage": "read", "error": _one_line(e), **_RETRY}
         base["source_sha256"] = sha
         stage = "probe"
@@ -157,12 +162,14 @@ def prepare_sample(
             info = probe(local)
             stage = "transcode"
             clips = transcode_file(local, tmp, "clip", cfg, info)
-        except (ProbeError, TranscodeError) as e:
+        except Exception as e:  # noqa: BLE001 - sorted into a verdict on the video or the environment's fault
+            if storage.is_environment_error(e):
+                raise storage.EnvironmentFailure(f"{stage} of {item.url} failed: {_one_line(e)}") from e
+            if not isinstance(e, ProbeError | TranscodeError):  # a decoder bug: recorded, retried next run
+                return {**base, "status": "rejected", "stage": stage, "error": _one_line(e), "cached": False}
             record = {**base, "status": "rejected", "stage": stage, "error": _one_line(e)}
             storage.write_bytes_atomic(record_url, json.dumps(record, sort_keys=True).encode(), storage_cfg)
             return {**record, "cached": False}
-        except Exception as e:  # noqa: BLE001 - a decoder bug or a full disk: reject now, retry next run
-            return {**base, "status": "rejected", "stage": stage, "error": _one_line(e), **_RETRY}
         out = []
         for key, clip in zip(clip_keys(item.key, len(clips), cfg), clips, strict=True):
             meta = {k: v for k, v in dataclasses.asdict(clip).items() if k != "path"}

@@ -68,11 +68,13 @@ class SourceItem:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Listing:
     """Sorted by key. ``classes[i]`` names label ``i`` (empty when labels are integers or absent);
-    ``missing`` holds label-list paths that match no listed video."""
+    ``missing`` holds label-list paths that match no listed video; ``skipped`` holds ``(url, reason)`` of
+    entries that are not regular files (a FIFO would block its reader forever)."""
 
     items: tuple[SourceItem, ...]
     classes: tuple[str, ...]
     missing: tuple[str, ...] = ()
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 def make_key(rel: str) -> str:
@@ -109,12 +111,15 @@ def list_sources(
     found = storage.retry(lambda: fs.find(root, detail=True), cfg=storage_cfg)
     skip = storage.get_fs(exclude, storage_cfg)[1].rstrip("/") + "/" if exclude else None
     exts = tuple(e.lower() for e in cfg.extensions)
-    entries = []
+    entries, skipped = [], []
     for path, info in sorted(found.items()):
         rel = path[len(root) + 1 :] if path.startswith(root + "/") else path.rsplit("/", 1)[-1]
         if skip and (path + "/").startswith(skip):
             continue
         if any(part[:1] in (".", "_") for part in rel.split("/")) or not rel.lower().endswith(exts):
+            continue
+        if info.get("type", "file") not in ("file", None):  # a FIFO, socket or device named like a video
+            skipped.append((_url(input_url, path), f"not a regular file ({info.get('type')})"))
             continue
         version = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
         entries.append((rel, path, int(info.get("size") or 0), str(version).strip('"')))
@@ -157,7 +162,7 @@ def list_sources(
                        label=label, label_name=name, domain=domain)
         )  # fmt: skip
     items.sort(key=lambda it: it.key)
-    return Listing(items=tuple(items), classes=classes, missing=missing)
+    return Listing(items=tuple(items), classes=classes, missing=missing, skipped=tuple(skipped))
 
 
 def _relative(path: str, root: str) -> str:

@@ -7,11 +7,15 @@ rate, display rotation already applied, no audio) and fast to seek into (a key f
 
 Memory stays flat for long inputs: frames stream one at a time from the decoder through the frame-rate
 resampler, the scaler (``VideoFrame.reformat``) and the encoder straight into local files; long videos are
-cut into clips of at most ``max_clip_s`` seconds, one file each.
+cut into clips of at most ``max_clip_s`` seconds, one file each. With ``split: scenes`` a first pass over the
+same output timeline finds the shot boundaries (:mod:`pipeline.scenes`) and clips start at every kept cut as
+well, so no clip straddles a hard cut; the second pass writes the clips (decoding twice costs less than
+holding a long video's frames).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import io
 import math
@@ -23,7 +27,11 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from pipeline import scenes
 from pipeline.probe import ProbeError, VideoInfo, probe
+
+SPLITS = ("fixed", "scenes")
+_SCENE_FIELDS = ("scene_threshold", "scene_min_s")  # only part of the identity when split=scenes
 
 
 class TranscodeError(ValueError):
@@ -45,8 +53,21 @@ class TranscodeConfig:
     max_pixels: int = 7680 * 4320  # coded width * height above this (beyond 8K): reject before decoding
     faststart: bool = True  # moov atom first, so a reader needs no second seek
     threads: int = 1  # per decoder/encoder; the job parallelises across videos instead
+    split: str = "fixed"  # fixed: clips of max_clip_s; scenes: also cut at shot boundaries (pipeline.scenes)
+    scene_threshold: float = 27.0  # content-detector score (HSV mean change, 0..255) that counts as a cut
+    scene_min_s: float = 1.0  # shortest shot (s): a cut closer than this to the previous one is ignored
 
     def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"transcode.split must be one of {SPLITS}, got {self.split!r}")
+        if self.split == "scenes" and self.max_clip_s is None:
+            raise ValueError(
+                "transcode.split=scenes needs transcode.max_clip_s (the longest clip a shot may give)"
+            )
+        if not self.scene_threshold > 0 or not self.scene_min_s > 0:
+            raise ValueError(
+                f"transcode.scene_threshold and scene_min_s must be > 0, got {self.scene_threshold}, {self.scene_min_s}"
+            )
         if self.short_side < 2 or self.short_side % 2:
             raise ValueError(f"transcode.short_side must be an even number >= 2, got {self.short_side}")
         if self.fps is not None and not (0 < self.fps <= 240):
@@ -84,6 +105,16 @@ class ClipInfo:
 
 def _even(x: float) -> int:
     return max(2, 2 * round(x / 2))
+
+
+def identity(cfg: TranscodeConfig) -> dict:
+    """The settings that decide the output, as a dict: every field, less the scene settings when
+    ``split=fixed`` (so shard sets made before scene splitting existed keep their fingerprint)."""
+    out = dataclasses.asdict(cfg)
+    if cfg.split == "fixed":
+        for name in ("split", *_SCENE_FIELDS):
+            out.pop(name)
+    return out
 
 
 def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -187,6 +218,37 @@ class _ClipWriter:
         self.out.close()
 
 
+def _open(src: str | bytes) -> av.container.InputContainer:
+    return av.open(src if isinstance(src, str) else io.BytesIO(src))
+
+
+def _detect_size(width: int, height: int) -> tuple[int, int]:
+    scale = min(1.0, scenes.DETECT_SIDE / max(width, height))
+    return _even(width * scale), _even(height * scale)
+
+
+def scene_segments(
+    src: str | bytes, info: VideoInfo, rate: Fraction, cfg: TranscodeConfig, per_clip: int | None
+) -> list[tuple[int, int]]:
+    """First pass of ``split=scenes``: output-frame ``[start, stop)`` ranges of the clips (shots cut at
+    the kept cuts, long shots cut into ``per_clip`` pieces)."""
+    dw, dh = _detect_size(info.width, info.height)
+    count = 0
+
+    def frames() -> Iterator[np.ndarray]:
+        nonlocal count
+        with _open(src) as inp:
+            stream = inp.streams.video[0]
+            stream.thread_count = cfg.threads
+            for _, frame in resample(inp.decode(stream), rate):
+                count += 1
+                yield frame.reformat(dw, dh, format="bgr24", interpolation="AREA").to_ndarray()
+
+    cuts = scenes.raw_cuts(frames(), float(rate), threshold=cfg.scene_threshold)
+    min_shot = max(1, math.ceil(cfg.scene_min_s * rate))
+    return scenes.segments(scenes.accept_cuts(cuts, count, min_shot), count, per_clip, cfg.min_frames)
+
+
 def transcode_file(
     src: str | bytes, out_dir: str, stem: str, cfg: TranscodeConfig, info: VideoInfo | None = None
 ) -> list[ClipInfo]:
@@ -203,30 +265,44 @@ def transcode_file(
     clips: list[ClipInfo] = []
     writer: _ClipWriter | None = None
 
-    def finish(w: _ClipWriter) -> None:
+    def finish(w: _ClipWriter, first: int) -> None:
         w.close()
-        index = len(clips)
-        start = float(index * (per_clip or 0) / rate)
-        clips.append(ClipInfo(index=index, start=start, frames=w.frames, fps=float(rate), width=out_w,
-                              height=out_h, duration=float(w.frames / rate), path=w.path))  # fmt: skip
+        clips.append(ClipInfo(index=len(clips), start=float(first / rate), frames=w.frames, fps=float(rate),
+                              width=out_w, height=out_h, duration=float(w.frames / rate), path=w.path))  # fmt: skip
 
     try:
-        with av.open(src if isinstance(src, str) else io.BytesIO(src)) as inp:
-            stream = inp.streams.video[0]
-            stream.thread_count = cfg.threads
-            try:
+        try:
+            if cfg.split == "scenes":
+                planned = scene_segments(src, info, rate, cfg, per_clip)
+                starts = [a for a, _ in planned]
+
+                def segment_of(k: int) -> int | None:
+                    i = bisect.bisect_right(starts, k) - 1
+                    return i if i >= 0 and k < planned[i][1] else None
+            else:
+
+                def segment_of(k: int) -> int | None:
+                    return k // per_clip if per_clip else 0
+
+            current, first = -1, 0
+            with _open(src) as inp:
+                stream = inp.streams.video[0]
+                stream.thread_count = cfg.threads
                 for k, frame in resample(inp.decode(stream), rate):
-                    if writer is None or (per_clip and k // per_clip != len(clips)):
+                    seg = segment_of(k)
+                    if seg is None:
+                        continue
+                    if writer is None or seg != current:
                         if writer is not None:
-                            finish(writer)
+                            finish(writer, first)
                         path = os.path.join(out_dir, f"{stem}_c{len(clips):03d}.mp4")
-                        writer = _ClipWriter(path, out_w, out_h, rate, cfg)
+                        writer, current, first = _ClipWriter(path, out_w, out_h, rate, cfg), seg, k
                     writer.write(_to_display(frame, width, height, info.rotation))
-            except av.error.FFmpegError as e:
-                raise TranscodeError(f"decoding {info.codec} failed: {' '.join(str(e).split())[:200]}") from e
+        except av.error.FFmpegError as e:
+            raise TranscodeError(f"decoding {info.codec} failed: {' '.join(str(e).split())[:200]}") from e
         if writer is None:
             raise TranscodeError(f"{info.codec} stream decoded to no frames")
-        finish(writer)
+        finish(writer, first)
         writer = None
     except BaseException:
         if writer is not None:
@@ -262,9 +338,11 @@ __all__ = [
     "TranscodeConfig",
     "TranscodeError",
     "check",
+    "identity",
     "output_rate",
     "output_size",
     "resample",
+    "scene_segments",
     "transcode",
     "transcode_file",
 ]

@@ -126,8 +126,8 @@ def video_views(data: bytes, spec: ViewSpec, *, key: str = "?") -> torch.Tensor:
     Raises :class:`pipeline.decode.BadSample` for a video neither backend decodes."""
     wanted: list[list[int]] = []
 
-    def choose(n: int) -> list[int]:
-        wanted.extend(clip_frame_indices(n, spec))
+    def choose(n: int) -> list[int]:  # called again with the fallback backend's frame count: replace, not add
+        wanted[:] = clip_frame_indices(n, spec)
         return sorted({i for clip in wanted for i in clip})
 
     frames, decoded, _ = read_clip_frames(data, choose, key=key)

@@ -55,3 +55,16 @@ def test_save_roundtrip(tmp_path):
     cfg = from_dict(Outer, {"steps": 3, "opt": {"lr": 0.5}})
     url = save_config(cfg, str(tmp_path / "run"))
     assert load_config(Outer, url) == cfg
+
+
+def test_override_and_value_errors_name_the_key(tmp_path):
+    """A bad value is named by its key (not a TypeError from deep in validation); an unknown override is
+    blamed on the override, not on the YAML file it is applied to."""
+    path = tmp_path / "c.yaml"
+    path.write_text("name: a\nsteps: 3\n")
+    with pytest.raises(ValueError, match=r"c.yaml.steps: 'abc' is not an integer"):
+        load_config(Outer, str(path), ["steps=abc"])
+    with pytest.raises(ValueError, match=r"override 'opt.lrr=1': opt has no key 'lrr'"):
+        load_config(Outer, str(path), ["opt.lrr=1"])
+    with pytest.raises(ValueError, match=r"c.yaml.name: 3 is not a string"):
+        load_config(Outer, str(path), ["name=3"])

@@ -137,6 +137,31 @@ def test_missing_shard_fails_the_job(shard_set, ray_cluster, tmp_path):
     assert not os.path.exists(tmp_path / "out" / "curation.parquet")
 
 
+@pytest.mark.slow
+def test_truncated_shard_samples_are_skipped_and_counted(shard_set, ray_cluster, tmp_path):
+    """A tar cut in half: curation keeps what it could read, gives every undelivered sample of the manifest an
+    ``unreadable`` error row (so subsets never select it), and finishes; the CLI says nothing went wrong."""
+    _, manifest_url, _ = shard_set
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    m = manifest.read_manifest(manifest_url)
+    for s in m.shards:
+        os.link(m.shard_url(s), broken / s.name)
+    victim = m.shards[0]
+    data = (broken / victim.name).read_bytes()
+    os.unlink(broken / victim.name)
+    (broken / victim.name).write_bytes(data[: len(data) // 2])
+    manifest.write_manifest(str(broken / "manifest.json"), m)
+    out = tmp_path / "out"
+    assert main(["curate", "--shards", str(broken), "--output", str(out), "ray.max_in_flight=1"]) == 0
+    df = pd.read_parquet(curation_url(str(out)))
+    assert set(df["key"]) >= set(victim.keys)  # every sample has a row
+    lost = df[df["key"].isin(victim.keys) & df["error"].str.startswith("unreadable")]
+    assert 1 <= len(lost) < len(victim.keys) + 1
+    meta = json.loads(manifest.read_table(curation_url(str(out))).schema.metadata[b"summary"])
+    assert meta["errors"] >= len(lost) and meta["missing_keys"] == 0
+
+
 def test_add_dup_groups_and_summary():
     rows = [
         {"key": "a", "phash": [1, 2], "domain": "x", "quality_score": 0.5},
@@ -173,5 +198,55 @@ def test_curate_yamls_load(path):
 def test_curate_config_validation():
     with pytest.raises(ValueError, match="ray.max_in_flight must be >= 0"):
         load_config(CurateConfig, "configs/curate/default.yaml", ["ray.max_in_flight=-1"])
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_frame'\]"):
+    with pytest.raises(ValueError, match=r"override 'quality.num_frame=3': quality has no key 'num_frame'"):
         load_config(CurateConfig, None, ["quality.num_frame=3"])
+
+
+def _curate_in_process(manifest_url: str, out_url: str) -> pa.Table:
+    """The curation table as ``run_curation`` writes it, computed without Ray (one shard after another)."""
+    from pipeline.quality import curate_shard
+
+    m = manifest.read_manifest(manifest_url)
+    cfg = CurateConfig(quality=QualityConfig(num_frames=6))
+    tables = [curate_shard(m.shard_url(s), cfg.quality, None, tuple(s.keys)) for s in m.shards]
+    table = add_dup_groups(pa.concat_tables(tables), cfg.quality.hash_distance)
+    meta = {b"source_manifest": m.url.encode(), b"summary": json.dumps(summarize(table)).encode()}
+    manifest.write_table_atomic(out_url, table.replace_schema_metadata(meta))
+    return table
+
+
+def test_report_shows_metrics_clusters_and_worst_clips(shard_set, tmp_path, capsys):
+    from PIL import Image
+
+    from jobs.embed import EmbedConfig, run_embed
+    from model import VideoMAE, get_config, save_checkpoint
+    from pipeline.semantic import SemanticConfig
+
+    synth, manifest_url, _ = shard_set
+    out = tmp_path / "cur"
+    table = _curate_in_process(manifest_url, curation_url(str(out)))
+    assert main(["curate", "--output", str(out), "--report-only"]) == 0
+    text = (out / "report" / "report.md").read_text()
+    assert "## Embedding clusters" not in text  # no embeddings yet: metrics and worst clips only
+    for name in ("quality_score", "motion", "sharpness", "black_fraction"):
+        assert f"| `{name}` |" in text
+    ok = table.to_pandas().query("error == ''")
+    assert f"| `sharpness` | variance of Laplacian (levels^2) | {ok.sharpness.min():.4g} |" in text
+
+    torch_model = VideoMAE(get_config("tiny"))
+    ckpt = save_checkpoint(torch_model, str(tmp_path / "ckpt"))
+    run_embed(ckpt, manifest_url, str(out), EmbedConfig(actors=0, semantic=SemanticConfig(clusters=3)))
+    assert main(["curate", "--output", str(out), "--report-only"]) == 0
+    assert "report.md" in capsys.readouterr().out
+    text = (out / "report" / "report.md").read_text()
+    emb = manifest.read_table(str(out / "embeddings.parquet")).to_pandas().query("error == ''")
+    for c, n in emb.cluster.value_counts().items():
+        assert f"| {c} | {n} |" in text and (out / "report" / f"cluster_{c}.png").exists()
+    pngs = sorted((out / "report").glob("*.png"))
+    assert {"histograms.png", "worst_quality_score_low.png", "worst_recon_loss_high.png"} <= {
+        p.name for p in pngs
+    }
+    for p in pngs:
+        assert Image.open(p).size[0] > 100  # a real picture, not an empty figure
+    assert main(["curate", "--output", str(tmp_path / "none"), "--report-only"]) == 2
+    assert main(["curate", "--output", str(out)]) == 2  # curating needs --shards

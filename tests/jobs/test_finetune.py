@@ -16,10 +16,10 @@ from jobs.config import load_config
 from jobs.finetune import (
     FinetuneTask,
     build_finetune_optimizer,
+    check_labels,
     init_classifier,
     make_criterion,
     mix_clips,
-    valid_rows,
 )
 from jobs.optim import OptimConfig, SampleCosineSchedule
 from jobs.train_config import AugmentSection, FinetuneConfig
@@ -46,11 +46,15 @@ def test_every_finetune_yaml_loads(name):
 
 
 def test_config_rejects_bad_input():
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['mask_type'\]"):  # no masks when finetuning
+    with pytest.raises(
+        ValueError, match=r"override 'loader.mask_type=tube': loader has no key 'mask_type'"
+    ):  # no masks when finetuning
         _cfg("loader.mask_type=tube")
     with pytest.raises(ValueError, match="batch_size must be even"):
         _cfg("loader.batch_size=3", "loader.num_sample=1")
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_frames'\]"):  # the model's, once
+    with pytest.raises(
+        ValueError, match=r"override 'loader.num_frames=8': loader has no key 'num_frames'"
+    ):  # the model's, once
         _cfg("loader.num_frames=8")
     with pytest.raises(ValueError, match="layer_decay"):
         _cfg("layer_decay=0")
@@ -105,30 +109,72 @@ def test_cutmix_cuts_the_same_box_from_every_frame_and_channel():
 
 
 def test_criterion_matches_the_recipe():
+    """Per-clip losses whose mean is timm's (the official script's) loss for each recipe."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
     logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
     smooth = make_criterion(AugmentSection(mixup_alpha=0, cutmix_alpha=0, label_smoothing=0.1))
     soft = torch.full((6, 4), 0.1 / 4).scatter_(1, labels[:, None], 0.9 + 0.1 / 4)
-    assert smooth(logits, labels).item() == pytest.approx(
-        -(soft * logits.log_softmax(1)).sum(1).mean().item(), rel=1e-5
+    assert smooth(logits, labels).shape == (6,)
+    assert torch.allclose(smooth(logits, labels), -(soft * logits.log_softmax(1)).sum(1), atol=1e-5)
+    assert smooth(logits, labels).mean().item() == pytest.approx(
+        LabelSmoothingCrossEntropy(0.1)(logits, labels).item(), rel=1e-5
     )
     plain = make_criterion(AugmentSection(mixup_alpha=0, cutmix_alpha=0, label_smoothing=0.0))
-    assert plain(logits, labels).item() == pytest.approx(
-        torch.nn.functional.cross_entropy(logits, labels).item()
+    assert torch.allclose(plain(logits, labels), -logits.log_softmax(1)[torch.arange(6), labels], atol=1e-5)
+    mixed = make_criterion(
+        AugmentSection(mixup_alpha=0.8, label_smoothing=0.1)
+    )  # smoothing is in the targets
+    assert mixed(logits, soft).mean().item() == pytest.approx(
+        SoftTargetCrossEntropy()(logits, soft).item(), rel=1e-5
     )
 
 
-def test_valid_rows_drop_stand_ins_and_keep_batches_even():
+def test_labels_are_checked_on_real_samples_only():
     label, valid = torch.tensor([0, 1, -1, 3, 2]), torch.tensor([True, True, False, True, True])
-    assert valid_rows(label, valid, num_classes=4, even=False, keys=list("abcde")).tolist() == [0, 1, 3, 4]
-    assert valid_rows(
-        label,
-        valid.clone().index_fill_(0, torch.tensor([4]), False),
-        num_classes=4,
-        even=True,
-        keys=list("abcde"),
-    ).tolist() == [0, 1]
+    check_labels(label, valid, num_classes=4, keys=list("abcde"))  # the -1 is a stand-in's
     with pytest.raises(ValueError, match="'d' has label 3"):
-        valid_rows(label, valid, num_classes=3, even=False, keys=list("abcde"))
+        check_labels(label, valid, num_classes=3, keys=list("abcde"))
+
+
+@pytest.mark.parametrize("mixing", [False, True])
+def test_stand_ins_keep_the_batch_shape_and_weigh_nothing(mixing):
+    """A micro-batch with stand-ins trains on the loader's full [B] (one shape for a compiled model) and its
+    loss is that of the real clips alone: the mean CE over valid rows (no mixup), and with mixup a gradient
+    equal to a batch where the stand-ins' loss is dropped by hand."""
+    over = [] if mixing else ["augment.mixup_alpha=0", "augment.cutmix_alpha=0", "augment.label_smoothing=0"]
+    task = FinetuneTask(_cfg(*over))
+    torch.manual_seed(0)
+    model = task.build_model(resuming=True)
+    b = task.cfg.loader.batch_size
+    video = torch.randn(b, 3, task.model_cfg.num_frames, task.model_cfg.img_size, task.model_cfg.img_size)
+    valid = torch.ones(b, dtype=torch.bool)
+    valid[1] = False
+    label = torch.arange(b) % task.cfg.num_classes
+    batch = {"video": video, "label": label, "valid": valid, "key": [f"k{i}" for i in range(b)]}
+    shapes = []
+    handle = model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    torch.manual_seed(5)
+    loss, stats = task.forward(model.train(), batch, torch.device("cpu"))
+    handle.remove()
+    assert shapes == [tuple(video.shape)] and stats["seen"] == b - 1
+    if not mixing:
+        model.eval()  # drop path / head dropout off for an exact comparison
+        torch.manual_seed(5)
+        loss, _ = task.forward(model, batch, torch.device("cpu"))
+        ref = torch.nn.functional.cross_entropy(model(video[valid]), label[valid])
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    else:
+        model.eval()
+        torch.manual_seed(5)
+        loss, _ = task.forward(model, batch, torch.device("cpu"))
+        torch.manual_seed(5)
+        mixed, target = mix_clips(task.mixup, video.clone(), label)
+        per = -(target * model(mixed).log_softmax(1)).sum(1)
+        assert loss.item() == pytest.approx(per[valid].mean().item(), rel=1e-5)
+    every = {**batch, "valid": torch.zeros(b, dtype=torch.bool), "label": torch.full((b,), -1)}
+    loss, stats = task.forward(model, every, torch.device("cpu"))  # all stand-ins: zero loss, still a graph
+    assert loss.item() == 0.0 and loss.requires_grad and stats["seen"] == 0
 
 
 @pytest.fixture(scope="module")

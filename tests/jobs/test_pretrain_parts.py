@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import random
 from pathlib import Path
 
@@ -221,7 +222,9 @@ def test_pretrain_config_rejects_bad_input():
     from jobs.config import load_config
     from jobs.train_config import PretrainConfig
 
-    with pytest.raises(ValueError, match=r"loader: unknown key\(s\) \['num_frames'\]"):  # the model's, once
+    with pytest.raises(
+        ValueError, match=r"override 'loader.num_frames=8': loader has no key 'num_frames'"
+    ):  # the model's, once
         load_config(PretrainConfig, "configs/pretrain/debug.yaml", ["loader.num_frames=8"])
     with pytest.raises(ValueError, match="unknown model config"):
         load_config(PretrainConfig, "configs/pretrain/debug.yaml", ["model.name=vit_z"])
@@ -260,3 +263,59 @@ def test_relative_input_paths_are_resolved_before_reaching_workers(tmp_path, mon
     ft = with_absolute_paths(ft)
     assert ft.pretrained == str(tmp_path / "runs/pt")
     assert ft.loader.manifest == str(tmp_path / "rel/m.json")
+
+
+def test_resume_skips_a_corrupt_latest_checkpoint(tmp_path, caplog):
+    """The same trainer in one process (LocalSession, as a study's runs): stopped at step 4 with checkpoints
+    at 2 and 4; step 4's weights are then truncated. Resuming says which checkpoint it skipped and why, goes
+    on from step 2 and finishes; with every checkpoint corrupt it fails with one error naming the run."""
+    import logging
+
+    from jobs.config import load_config
+    from jobs.metrics import read_metrics
+    from jobs.pretrain import PretrainTask
+    from jobs.train_config import PretrainConfig
+    from jobs.trainer import run_local
+    from tests.pipeline.shardset_helpers import make_shard_set
+
+    shards = str(tmp_path / "shards")
+    make_shard_set(shards, 8, 2, frames=12, width=48, height=32)
+    run = str(tmp_path / "runs" / "r")
+
+    def go(*over):
+        cfg = load_config(PretrainConfig, "configs/pretrain/debug.yaml", [f"loader.manifest={shards}",
+                          f"storage_path={tmp_path / 'runs'}", "name=r", "schedule.total_steps=6", "checkpoint.every_steps=2",
+                          "checkpoint.num_to_keep=3", "scaling.num_workers=1", "metrics.image_every=0", *over])  # fmt: skip
+        run_local(
+            PretrainTask(cfg), run_url=run, log_dir=f"{run}/logs", export_url=f"{run}/final", device="cpu"
+        )
+
+    go("stop_at_step=4")
+    assert {"step_00000002", "step_00000004"} <= set(os.listdir(run))
+    weights = tmp_path / "runs" / "r" / "step_00000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="jobs.trainer"):
+        go()
+    assert (
+        "latest checkpoint" in caplog.text
+        and "resumed from" in caplog.text
+        and "step_00000002" in caplog.text
+    )
+    assert max(read_metrics(f"{run}/logs/metrics.jsonl")) == 6 and os.path.exists(f"{run}/final/vmae.json")
+    for name in os.listdir(run):
+        if name.startswith("step_"):
+            (tmp_path / "runs" / "r" / name / "trainer.pt").write_bytes(b"junk")
+    os.remove(f"{run}/final/vmae.json")
+    with pytest.raises(ValueError, match="no checkpoint of .*r loads"):
+        go("schedule.total_steps=8")
+
+
+def test_gpu_peak_flops_by_the_longest_matching_name():
+    from jobs.metrics import peak_flops_for
+
+    assert peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12  # SXM
+    assert peak_flops_for("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_for("NVIDIA H100 NVL") == 835e12
+    assert peak_flops_for("NVIDIA H200") == 989e12
+    assert peak_flops_for("NVIDIA L40S") == 362e12 and peak_flops_for("NVIDIA L4") == 121e12
+    assert peak_flops_for("Tesla T4") is None

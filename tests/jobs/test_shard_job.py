@@ -45,7 +45,7 @@ def test_config_files_load():
     )
     cfg = debug_config()
     assert cfg.transcode.short_side == 64 and cfg.shards.max_samples == 4 and cfg.source.labels == "folder"
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match="override 'transcode.short=3': transcode has no key 'short'"):
         debug_config("transcode.short=3")
 
 

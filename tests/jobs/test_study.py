@@ -54,7 +54,10 @@ def test_every_study_config_loads_and_resolves(path):
     assert len({r.cell_id for r in runs}) == len(expand_grid(cfg))  # one id per cell, whatever the seed
     for r in runs:
         pc = r.pretrain
-        assert pc.loader.subset == f"/data/{r.params['subset']}.parquet" and pc.loader.manifest == "/data/manifest.json"
+        assert (
+            pc.loader.subset == f"/data/{r.params['subset']}.parquet"
+            and pc.loader.manifest == "/data/manifest.json"
+        )
         assert pc.run_url.startswith(cfg.store.rstrip("/") + "/runs/") and pc.seed == pc.loader.seed == r.seed
         spec = pc.model.build().clip_spec()  # the mask is set once, on the model
         if r.params["mask_ratio"] is not None:
@@ -63,10 +66,16 @@ def test_every_study_config_loads_and_resolves(path):
             assert spec.mask_type == r.params["mask_type"]
         if cfg.finetune is not None:
             ft = r.job["finetune"]
-            assert ft["loader"]["subset"] == f"/data/{r.params['target']}-train.parquet" and ft["seed"] == r.seed
-            assert ft["model"]["overrides"].items() >= pc.model.overrides.items()  # the pretrained architecture
+            assert (
+                ft["loader"]["subset"] == f"/data/{r.params['target']}-train.parquet" and ft["seed"] == r.seed
+            )
+            assert (
+                ft["model"]["overrides"].items() >= pc.model.overrides.items()
+            )  # the pretrained architecture
             assert ft["pretrained"] == (None if r.params["init"] == "scratch" else r.job["encoder"])
-        ev = load_config(EvalConfig, resolve_path(cfg.eval.config), [*r.job["eval_overrides"], "checkpoint=x", "output=y"])
+        ev = load_config(
+            EvalConfig, resolve_path(cfg.eval.config), [*r.job["eval_overrides"], "checkpoint=x", "output=y"]
+        )
         assert ev.test.manifest
     if os.path.basename(path).endswith("_gpu.yaml"):
         assert all(r.pretrain.scaling.use_gpu for r in runs)
@@ -94,7 +103,10 @@ def test_grid_product_explicit_cells_and_dedup():
         ("data.manifest=/x/manifest.json", "exactly one of synth"),
         ("seeds=[1, 1]", "distinct"),
         ("runner.pretrain=slurm", "runner.pretrain must be one of"),
-        ("report.findings=[{name: x, better: {init: scratch}, worse: {initt: x}}]", "unknown parameter 'initt'"),
+        (
+            "report.findings=[{name: x, better: {init: scratch}, worse: {initt: x}}]",
+            "unknown parameter 'initt'",
+        ),
     ],
 )
 def test_bad_study_config_is_named(override, message):
@@ -107,15 +119,27 @@ def test_cell_identity():
     data = fake_data(cfg)
     cells = {(c["subset"], c["init"]): c for c in expand_grid(cfg)}
     run = lambda cell, seed=0, c=cfg: resolve_cell(c, cell, data, seed)  # noqa: E731
-    pre_all, pre_clean, scratch = run(cells["all", "pretrained"]), run(cells["clean", "pretrained"]), run(cells["all", "scratch"])
+    pre_all, pre_clean, scratch = (
+        run(cells["all", "pretrained"]),
+        run(cells["clean", "pretrained"]),
+        run(cells["all", "scratch"]),
+    )
     assert pre_all.pretrain_id != pre_clean.pretrain_id and pre_all.eval_id != scratch.eval_id
     # seeds: the same cell, other runs
     s1 = run(cells["all", "pretrained"], 1)
-    assert s1.cell_id == pre_all.cell_id and s1.pretrain_id != pre_all.pretrain_id and s1.url_part != pre_all.url_part
+    assert (
+        s1.cell_id == pre_all.cell_id
+        and s1.pretrain_id != pre_all.pretrain_id
+        and s1.url_part != pre_all.url_part
+    )
     # a changed eval setting changes the cell and its evaluation, not the pretraining run
     cfg2 = load_config(StudyConfig, DEBUG, ["eval.overrides=[actors=0, knn.k=3]"])
     c2 = run(cells["all", "pretrained"], 0, cfg2)
-    assert c2.pretrain_id == pre_all.pretrain_id and c2.cell_id != pre_all.cell_id and c2.eval_id != pre_all.eval_id
+    assert (
+        c2.pretrain_id == pre_all.pretrain_id
+        and c2.cell_id != pre_all.cell_id
+        and c2.eval_id != pre_all.eval_id
+    )
     # too small a subset for one global batch is refused before any training
     with pytest.raises(ValueError, match="fewer than one global batch"):
         resolve_cell(cfg, cells["all", "pretrained"], fake_data(cfg, size=3), 0)
@@ -135,14 +159,26 @@ def test_stratified_split_matches_independent_ranking():
 
 
 def test_stratified_split_fixed_counts_per_domain_and_label():
-    rows = [(f"{d}{c}{i:02d}", d, c) for d in "ab" for c in range(2) for i in range(6 if (d, c) != ("b", 1) else 3)]
+    rows = [
+        (f"{d}{c}{i:02d}", d, c)
+        for d in "ab"
+        for c in range(2)
+        for i in range(6 if (d, c) != ("b", 1) else 3)
+    ]
     df = pd.DataFrame(rows, columns=["key", "domain", "label"])
-    train, test = stratified_split(df[df["key"].str[1] != "1"], 0.5, seed=2, by=("domain", "label"), counts=(2, 3))
+    train, test = stratified_split(
+        df[df["key"].str[1] != "1"], 0.5, seed=2, by=("domain", "label"), counts=(2, 3)
+    )
     for d in "ab":
-        keys = sorted(df[(df["domain"] == d) & (df["label"] == 0)]["key"], key=lambda k: hashlib.sha256(f"2:{k}".encode()).digest()[:8])
+        keys = sorted(
+            df[(df["domain"] == d) & (df["label"] == 0)]["key"],
+            key=lambda k: hashlib.sha256(f"2:{k}".encode()).digest()[:8],
+        )
         assert sorted(k for k in test if k[0] == d) == sorted(keys[:3])
         assert sorted(k for k in train if k[0] == d) == sorted(keys[3:5])
-    with pytest.raises(ValueError, match=r"'domain': 'b', 'label': 1.* has 3 samples, fewer than 2 train \+ 3 test"):
+    with pytest.raises(
+        ValueError, match=r"'domain': 'b', 'label': 1.* has 3 samples, fewer than 2 train \+ 3 test"
+    ):
         stratified_split(df, 0.5, seed=2, by=("domain", "label"), counts=(2, 3))
 
 
@@ -164,10 +200,17 @@ def test_report_means_verdicts_and_plots(tmp_path):
 
     pre = [0.50, 0.55, 0.60]
     scr = [0.30, 0.32, 0.28]
-    results = [_result("p", i, "pretrained", v, v - 0.1, mask=0.9, mask_type="tube") for i, v in enumerate(pre)]
-    results += [_result("m", i, "pretrained", v, v, mask=0.5, mask_type="tube") for i, v in enumerate([0.5, 0.52, 0.48])]
+    results = [
+        _result("p", i, "pretrained", v, v - 0.1, mask=0.9, mask_type="tube") for i, v in enumerate(pre)
+    ]
+    results += [
+        _result("m", i, "pretrained", v, v, mask=0.5, mask_type="tube")
+        for i, v in enumerate([0.5, 0.52, 0.48])
+    ]
     results += [_result("z", i, "scratch", v, v) for i, v in enumerate(scr)]
-    results += [_result("z2", i, "scratch", v, v, subset="other", eval_id=f"z-{i}") for i, v in enumerate(scr)]
+    results += [
+        _result("z2", i, "scratch", v, v, subset="other", eval_id=f"z-{i}") for i, v in enumerate(scr)
+    ]
     df = results_frame(results)
     assert len(df) == 12 and pick_metrics(df) == ["finetune.top1", "linear_probe.top1"]
     with pytest.raises(ValueError, match="report.metrics"):
@@ -177,9 +220,14 @@ def test_report_means_verdicts_and_plots(tmp_path):
     assert row["seeds"] == 3 and row["finetune.top1.mean"] == pytest.approx(statistics.mean(pre))
     assert row["finetune.top1.std"] == pytest.approx(statistics.stdev(pre))
     findings = (
-        FindingSpec(name="pre > scratch", better={"init": "pretrained", "mask_ratio": 0.9}, worse={"init": "scratch"}),
+        FindingSpec(
+            name="pre > scratch", better={"init": "pretrained", "mask_ratio": 0.9}, worse={"init": "scratch"}
+        ),
         FindingSpec(name="0.5 > 0.9", better={"mask_ratio": 0.5}, worse={"mask_ratio": 0.9}),
-        FindingSpec(name="0.9 not worse", kind="not_worse", better={"mask_ratio": 0.9}, worse={"mask_ratio": 0.5}),
+        FindingSpec(
+            name="0.9 not worse", kind="not_worse", better={"mask_ratio": 0.9}, worse={"mask_ratio": 0.5}
+        ),
+        FindingSpec(name="by subset", better={"subset": "s"}, worse={"init": "scratch"}),
     )
     v = {x["name"]: x for x in finding_verdicts(df, findings)}
     se = math.sqrt(statistics.variance(pre) / 3 + statistics.variance(scr) / 3)  # z2 = z's runs: counted once
@@ -187,11 +235,18 @@ def test_report_means_verdicts_and_plots(tmp_path):
     assert v["pre > scratch"]["diff"] == pytest.approx(statistics.mean(pre) - statistics.mean(scr))
     assert v["pre > scratch"]["verdict"] == "reproduced"
     assert v["0.5 > 0.9"]["verdict"] == "not reproduced" and v["0.9 not worse"]["verdict"] == "reproduced"
-    files = write_report(results, str(tmp_path), report=ReportConfig(metrics=("finetune.top1",), findings=findings))
+    # scratch rows carry subset "s" too, but a subset selector means the pretrained cells (p and m) only
+    assert v["by subset"]["n_better"] == 6 and v["by subset"]["n_worse"] == 3
+    files = write_report(
+        results, str(tmp_path), report=ReportConfig(metrics=("finetune.top1",), findings=findings)
+    )
     md = open(files["results.md"]).read()
     assert f"{statistics.mean(pre):.3f} ± {statistics.stdev(pre):.3f}" in md and "**reproduced**" in md
     assert "**not reproduced**" in md and "| 0.250 |" in md  # chance
-    assert open(files["summary"], "rb").read(8) == PNG_MAGIC and open(files["masking_ratio"], "rb").read(8) == PNG_MAGIC
+    assert (
+        open(files["summary"], "rb").read(8) == PNG_MAGIC
+        and open(files["masking_ratio"], "rb").read(8) == PNG_MAGIC
+    )
     table = pq.read_table(files["results.parquet"]).to_pandas()
     assert sorted(table["finetune.top1"].tolist()) == sorted(df["finetune.top1"].tolist())
 
@@ -210,24 +265,40 @@ def test_debug_study_end_to_end_and_rerun(ray_cluster, tmp_path):
         ("all", "pretrained"), ("all", "scratch"), ("clean", "pretrained")
     ]  # fmt: skip
     for _, row in table.iterrows():  # each row holds the evaluators' own numbers and the subset's real size
-        cell = json.load(open(os.path.join(out, "cells", row["cell_id"], f"seed_{row['seed']}", "result.json")))
+        cell = json.load(
+            open(os.path.join(out, "cells", row["cell_id"], f"seed_{row['seed']}", "result.json"))
+        )
         evals = os.path.join(cache, "evals", cell["eval_id"])
-        encoder, finetuned = (json.load(open(os.path.join(evals, n))) for n in ("encoder.json", "finetuned.json"))
-        assert row["linear_probe.top1"] == encoder["linear_probe"]["top1"] and row["knn.top1"] == encoder["knn"]["top1"]
+        encoder, finetuned = (
+            json.load(open(os.path.join(evals, n))) for n in ("encoder.json", "finetuned.json")
+        )
+        assert (
+            row["linear_probe.top1"] == encoder["linear_probe"]["top1"]
+            and row["knn.top1"] == encoder["knn"]["top1"]
+        )
         assert row["finetune.top1"] == finetuned["multiview"]["1x1"]["top1"]
-        assert finetuned["checkpoint_meta"]["kind"] == "classifier" and encoder["checkpoint_meta"]["kind"] == "pretrain"
+        assert (
+            finetuned["checkpoint_meta"]["kind"] == "classifier"
+            and encoder["checkpoint_meta"]["kind"] == "pretrain"
+        )
         assert row["subset_size"] == len(mf.read_subset(cell["subset"]["url"]).keys)
-        assert row["target_test_size"] == finetuned["samples"]["test"]["videos"] == 8  # 2 domains x 4 classes x 1
+        assert (
+            row["target_test_size"] == finetuned["samples"]["test"]["videos"] == 8
+        )  # 2 domains x 4 classes x 1
         assert os.path.exists(os.path.join(row["checkpoint"], "vmae.json"))
         if row["init"] == "pretrained":
             assert row["pretrain_steps"] == 2 and row["pretrain_overhead_s"] > 0
-    held_out = set(mf.read_subset(cell["target"]["train_url"]).keys) | set(mf.read_subset(cell["target"]["test_url"]).keys)
+    held_out = set(mf.read_subset(cell["target"]["train_url"]).keys) | set(
+        mf.read_subset(cell["target"]["test_url"]).keys
+    )
     for sub in {c["subset"]["url"] for c in first["results"]}:  # no pretraining subset holds a target clip
         assert not held_out & set(mf.read_subset(sub).keys)
     md = open(first["files"]["results.md"]).read()
     assert "## Findings" in md and "pretraining beats scratch" in md
     assert open(first["files"]["summary"], "rb").read(8) == PNG_MAGIC
-    stamps = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(out, "cells", "*", "*", "result.json"))}
+    stamps = {
+        p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(out, "cells", "*", "*", "result.json"))
+    }
     assert len(stamps) == 6
 
     again = run_study(cfg)  # every cell committed: nothing runs, nothing is rewritten

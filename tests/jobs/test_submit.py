@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import socket
@@ -93,29 +94,29 @@ def test_entrypoint_rejects_bad_commands(command, match):
         sub.build_entrypoint(command)
 
 
-def test_runtime_env_forwards_storage_credentials(tmp_path):
+def test_runtime_env_forwards_endpoint_never_credentials(tmp_path):
+    """A runtime_env is job metadata (``ray job list`` shows it; Ray logs it): the endpoint and region travel,
+    credentials never do, even when asked for with --env."""
     environ = {
         "AWS_ENDPOINT_URL": "http://minio:9000",
         "AWS_ACCESS_KEY_ID": "key",
-        "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_SECRET_ACCESS_KEY": "planted-secret",
+        "AWS_SESSION_TOKEN": "planted-token",
         "AWS_DEFAULT_REGION": "",  # set but empty: not forwarded
         "AWS_PROFILE": "laptop",  # names a local file: never forwarded
         "HOME": "/home/me",
     }
-    cfg = sub.SubmitConfig(working_dir=str(tmp_path), env={"AWS_ACCESS_KEY_ID": "override", "SEED": "3"})
+    cfg = sub.SubmitConfig(working_dir=str(tmp_path), env={"SEED": "3"})
     env = sub.build_runtime_env(cfg, environ)
     assert env["working_dir"] == str(tmp_path)
     assert env["excludes"] == list(sub.DEFAULT_EXCLUDES)
-    assert env["env_vars"] == {
-        "PYTHONUNBUFFERED": "1",
-        "AWS_ENDPOINT_URL": "http://minio:9000",
-        "AWS_ACCESS_KEY_ID": "override",
-        "AWS_SECRET_ACCESS_KEY": "secret",
-        "SEED": "3",
-    }
+    assert env["env_vars"] == {"PYTHONUNBUFFERED": "1", "AWS_ENDPOINT_URL": "http://minio:9000", "SEED": "3"}
+    assert "planted" not in json.dumps(env)
     assert "pip" not in env and "uv" not in env
     quiet = sub.build_runtime_env(sub.SubmitConfig(pass_aws_env=False), environ)
     assert quiet == {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+    with pytest.raises(ValueError, match="credentials are never sent"):
+        sub.build_runtime_env(sub.SubmitConfig(env={"AWS_SECRET_ACCESS_KEY": "x"}), environ)
 
 
 def test_runtime_env_pip_or_uv():

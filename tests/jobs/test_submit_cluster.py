@@ -298,3 +298,82 @@ def test_debug_pretrain_job_finishes_across_both_nodes(local_cluster, tmp_path):
         json.loads(line) for line in open(tmp_path / "runs" / "cluster-debug" / "logs" / "metrics.jsonl")
     ]
     assert {int(m["world_size"]) for m in metrics} == {2}
+
+
+def test_elastic_pretraining_survives_losing_a_node(local_cluster, tmp_path):
+    """Elastic pretraining (num_workers (1, 2), one worker per node) keeps going when the worker *node* dies
+    (its `ray start` process group SIGKILLed: raylet, workers and all), finishes with the samples its schedule
+    asks for, never trains on a sample twice within an epoch (the loader's guarantee across the resize), and
+    grows back to 2 workers once the node rejoins (Ray Train V2's elastic resize)."""
+    from jobs.metrics import read_metrics
+    from tests.pipeline.shardset_helpers import make_shard_set
+
+    shards = str(tmp_path / "shards")
+    make_shard_set(shards, n_videos=32, n_shards=4, frames=16, width=64, height=48, pattern="moving")
+    run, keys = tmp_path / "runs" / "elastic", tmp_path / "keys"
+    started = local_cluster.vmae(
+        "submit", "--no-wait", "--", "pretrain", "--config", "configs/pretrain/debug.yaml",
+        f"loader.manifest={shards}/manifest.json", f"storage_path={tmp_path / 'runs'}", "name=elastic",
+        "schedule.total_steps=40", "checkpoint.every_steps=2", "metrics.image_every=0", "scaling.min_workers=1",
+        "scaling.elastic_resize_monitor_interval_s=5", "failure.max_failures=5", f"fault.keys_log={keys}",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    job_id = started.stdout.strip()
+    metrics = run / "logs" / "metrics.jsonl"
+
+    def wait_for(what, ok, timeout=240):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            recs = read_metrics(str(metrics)) if metrics.exists() else {}
+            if ok(recs):
+                return recs
+            status = local_cluster.get(f"/api/jobs/{job_id}")["status"]
+            assert status in ("PENDING", "RUNNING"), (
+                what,
+                status,
+                local_cluster.get(f"/api/jobs/{job_id}/logs")["logs"][-3000:],
+            )
+            time.sleep(0.5)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    wait_for("4 steps on 2 workers", lambda r: any(s >= 4 and x["world_size"] == 2 for s, x in r.items()))
+    worker = local_cluster.procs[1]
+    os.killpg(worker.pid, signal.SIGKILL)  # the whole node: raylet, its Ray Train worker, everything
+    worker.wait()
+    kill_time = time.time()
+    wait_for("a step on 1 worker", lambda r: any(x["world_size"] == 1 for x in r.values()))
+    temp = local_cluster.temp_dir
+    local_cluster.procs[1] = _ray_start([f"--address={local_cluster.gcs}", f"--temp-dir={temp}/w2"],
+                                        local_cluster.env, os.path.join(temp, "worker2.log"))  # fmt: skip
+    done = local_cluster.vmae("logs", job_id, "--follow", timeout=400)
+    status = local_cluster.vmae("status", job_id)
+    assert "status: SUCCEEDED" in status.stdout, status.stdout + done.stdout[-3000:]
+    recs = read_metrics(str(metrics))
+    sizes = [int(r["world_size"]) for r in recs.values()]
+    assert sizes[0] == 2 and 1 in sizes
+    assert recs[max(recs)]["samples_seen"] == 40 * 8  # the schedule counts samples, whatever the world size
+    assert 2 in sizes[sizes.index(1) :], f"no scale-up after the node rejoined: {sizes}"
+    # the trajectory that counts: for each step, the ranks of the last attempt that trained it (the same step
+    # of an attempt lost with the node, e.g. on the dead rank 1, does not count; an attempt's ranks log a step
+    # within moments of each other, a restart takes seconds)
+    tried: dict[int, list[tuple[int, dict]]] = {}
+    for path in keys.glob("rank_*.jsonl"):
+        rank = int(path.name.split("_")[1].split("-")[0])
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            tried.setdefault(r["step"], []).append((rank, r))
+    final: dict[tuple[int, int], dict] = {}
+    for step, attempts in tried.items():
+        last = max(r["t"] for _, r in attempts)
+        world = next(r["world"] for _, r in attempts if r["t"] == last)
+        for rank, r in attempts:
+            if r["world"] == world and r["t"] > last - 2.0:
+                final[step, rank] = r
+        assert len({rk for st, rk in final if st == step}) == world, (step, attempts)
+    by_epoch: dict[int, list[str]] = {}
+    for (step, _), r in final.items():
+        if step <= max(recs):
+            by_epoch.setdefault(r["epoch"], []).extend(r["keys"])
+    for epoch, seen in by_epoch.items():
+        assert len(seen) == len(set(seen)), f"epoch {epoch}: a sample trained on twice"
+    assert any(r["t"] > kill_time and r["world"] == 1 for r in final.values())

@@ -15,6 +15,7 @@ import shlex
 import sys
 
 import jsonschema
+import pytest
 import ray
 import ray.autoscaler
 import yaml
@@ -131,3 +132,88 @@ def test_dockerfile_pins_match_the_project():
     assert {"pyproject.toml", "jobs", "configs"} <= set(copied)
     for path in copied:
         assert os.path.exists(os.path.join(REPO, path)), f"Dockerfile copies missing {path}"
+
+
+def _gpu_node_types() -> dict[str, tuple[dict[str, float], int]]:
+    """Every shipped GPU node type: (Ray resources of one node, most nodes of that type)."""
+    out = {}
+    for group in _one("kuberay/raycluster.yaml", "RayCluster")["spec"]["workerGroupSpecs"]:
+        params = group["rayStartParams"]
+        if int(params.get("num-gpus", 0)):
+            out[f"kuberay:{group['groupName']}"] = (
+                {"CPU": float(params["num-cpus"]), "GPU": float(params["num-gpus"])},
+                int(group["maxReplicas"]),
+            )
+    with open(os.path.join(INFRA, "aws", "cluster.yaml")) as f:
+        aws = yaml.safe_load(f)
+    for name, t in aws["available_node_types"].items():
+        if t["resources"].get("GPU"):
+            out[f"aws:{name}"] = ({k: float(v) for k, v in t["resources"].items()}, int(t["max_workers"]))
+    return out
+
+
+def _gpu_train_configs() -> list[tuple[str, object]]:
+    from jobs.config import load_config
+    from jobs.study import StudyConfig, expand_grid, resolve_cell
+    from jobs.train_config import FinetuneConfig, PretrainConfig
+    from tests.jobs.test_study import fake_data
+
+    out = []
+    for cls, folder in ((PretrainConfig, "pretrain"), (FinetuneConfig, "finetune")):
+        for path in sorted(glob.glob(os.path.join(REPO, "configs", folder, "*.yaml"))):
+            cfg = load_config(cls, path)
+            if cfg.scaling.use_gpu:
+                out.append((os.path.relpath(path, REPO), cfg))
+    for path in sorted(glob.glob(os.path.join(REPO, "configs", "study", "*_gpu.yaml"))):
+        study = load_config(StudyConfig, path)
+        run = resolve_cell(study, expand_grid(study)[0], fake_data(study), study.seeds[0])
+        out.append((os.path.relpath(path, REPO) + " pretrain", run.pretrain))
+        if run.job["finetune"] is not None:
+            from jobs.config import from_dict
+
+            out.append(
+                (os.path.relpath(path, REPO) + " finetune", from_dict(FinetuneConfig, run.job["finetune"]))
+            )
+    return out
+
+
+def test_every_cluster_spec_places_every_gpu_config():
+    """A config whose min_workers the cluster cannot place makes an elastic run wait forever: every shipped
+    GPU node type, at its most nodes, must hold every shipped GPU config's min_workers (else num_workers)."""
+    from jobs.launch import placeable
+
+    nodes, configs = _gpu_node_types(), _gpu_train_configs()
+    assert len(nodes) == 2 and len(configs) >= 6
+    for where, cfg in configs:
+        need = cfg.scaling.min_workers or cfg.scaling.num_workers
+        for node_type, (resources, most) in nodes.items():
+            got = placeable(cfg.worker_bundle, [resources] * most)
+            assert got >= need, (
+                f"{node_type} places {got} workers of {cfg.worker_bundle}, {where} needs {need}"
+            )
+            per_node = placeable(cfg.worker_bundle, [resources])
+            assert per_node == resources["GPU"], (
+                f"{node_type}: {per_node} workers per node leave GPUs idle ({where})"
+            )
+
+
+def test_unplaceable_workers_fail_with_a_clear_error(monkeypatch):
+    import jobs.launch as launch
+    from jobs.config import load_config
+    from jobs.train_config import PretrainConfig
+
+    cfg = load_config(PretrainConfig, os.path.join(REPO, "configs", "pretrain", "vit_b.yaml"))
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 48.0, "GPU": 4.0}}])
+    with pytest.raises(
+        ValueError, match=r"32 workers of \{'CPU': 10.0, 'GPU': 1.0\} cannot be placed.* hold 4"
+    ):
+        launch.wait_for_resources(cfg, wait_s=0)
+
+
+def test_image_has_a_c_compiler_for_torch_compile():
+    """Triton builds its launcher with gcc/clang on the first compiled step: the image must install one
+    (the dev box has gcc, so tests pass without; the image would not)."""
+    text = open(os.path.join(INFRA, "Dockerfile")).read()
+    installs = " ".join(re.findall(r"apt-get install[^&]*", text))
+    assert re.search(r"\b(gcc|clang|build-essential)\b", installs), installs
+    assert "libc6-dev" in installs or "build-essential" in installs  # headers gcc needs to link

@@ -245,3 +245,53 @@ def test_pooling_and_final_norm_variants():
     assert not any(k.startswith("encoder.norm") for k in bare.state_dict())
     loss, _ = bare(x, _mask(cfg))
     assert torch.isfinite(loss)
+
+
+def test_drop_path_matches_timm_and_keeps_eval_identity():
+    """Our buffer-rate DropPath is stochastic depth as timm's DropPath has it: whole samples are dropped with
+    probability ``rate`` and the kept ones scaled by ``1 / (1 - rate)`` (checked per row and against timm's
+    drop fraction on the same input); in eval mode, and at rate 0, it is the identity."""
+    from timm.layers import DropPath as TimmDropPath
+
+    from model.layers import DropPath
+
+    x = torch.randn(20000, 3, 4) + 5.0  # no exact zeros in x
+    torch.manual_seed(3)
+    a = DropPath(0.3).train()(x)
+    b = TimmDropPath(0.3).train()(x)
+    for out in (a, b):
+        dropped = (out == 0).all(dim=(1, 2))
+        assert abs(dropped.float().mean().item() - 0.3) < 0.015
+        assert torch.allclose(out[~dropped], x[~dropped] / 0.7, rtol=1e-6)
+    ours = DropPath(0.3)
+    assert torch.equal(ours.eval()(x), x) and torch.equal(DropPath(0.0).train()(x), x)
+    with pytest.raises(ValueError, match="drop path rate"):
+        DropPath(1.0)
+
+
+def test_time_pooled_classifier_keeps_the_order_of_slices(tmp_path):
+    """classifier_pool="time": per temporal slice a mean over space, fc_norm per slice, slices concatenated in
+    time order (checked against a loop over slices); it loads back from our format and refuses layouts that
+    have no such head."""
+    from model import load_checkpoint, save_checkpoint
+
+    cfg = get_config("tiny", classifier_pool="time")
+    torch.manual_seed(0)
+    clf = VideoMAEClassifier(cfg, 3).eval()
+    x = _video(cfg)
+    t_slices, side = cfg.grid[0], cfg.grid[1] * cfg.grid[2]
+    with torch.no_grad():
+        tokens = clf.encoder(x)
+        want = torch.cat(
+            [clf.fc_norm(tokens[:, i * side : (i + 1) * side].mean(1)) for i in range(t_slices)], 1
+        )
+        assert torch.allclose(clf.forward_features(x), want, atol=1e-6)
+        assert clf(x).shape == (2, 3) and clf.head.in_features == t_slices * cfg.encoder_width
+    save_checkpoint(clf, str(tmp_path / "c"))
+    back, _ = load_checkpoint(str(tmp_path / "c"))
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), clf(x))
+    with pytest.raises(ValueError, match="no hf layout"):
+        save_checkpoint(clf, str(tmp_path / "h"), format="hf")
+    with pytest.raises(ValueError, match="classifier_pool"):
+        get_config("tiny", classifier_pool="max")

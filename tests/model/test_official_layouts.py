@@ -112,6 +112,7 @@ def test_family_file_loads_and_matches_the_official_computation(tmp_path, family
         "url": path,
         "config_inferred": True,
         "extra": {"epoch": 7},
+        "lineage": None,  # a published file records none
     }
     cfg = model.cfg
     assert (cfg.encoder_width, cfg.encoder_heads, cfg.patch_size) == (

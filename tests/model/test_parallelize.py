@@ -82,3 +82,52 @@ def test_fsdp_single_rank_gloo():
         assert clf.forward_features(x).shape == (2, CFG.encoder_width)
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_keeps_the_loss_target_float32():
+    """FSDP2's root casts forward inputs to param_dtype by default; the normalised-pixel target is computed from
+    the input video inside forward, so a bf16 cast would quantise the target. Compare the dtype target() sees
+    under FSDP (bf16 params, autocast) with plain DDP-style eager."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        seen = []
+        real = VideoMAE.target
+
+        def spy(self, video):
+            seen.append(video.dtype)
+            return real(self, video)
+
+        VideoMAE.target = spy
+        try:
+            _, plain = _pair()
+            _step(plain)
+            _, sharded = _pair()
+            parallelize(sharded, fsdp=True, param_dtype=torch.bfloat16)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                _step(sharded)
+        finally:
+            VideoMAE.target = real
+        assert seen == [torch.float32, torch.float32]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_deep_model_with_drop_path_stays_under_the_recompile_limit():
+    """Per-block drop-path rates were Python floats (block 0 an Identity): dynamo guarded on each value and
+    recompiled the shared block code once per block, past its limit of 8 (fullgraph: an error). A depth-12
+    classifier with drop path 0.1 must train two steps compiled (aot_eager backend on CPU) with one graph for
+    all its blocks."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # earlier compiled tests in this process count too
+    cfg = get_config("tiny", encoder_depth=12, drop_path_rate=0.1)
+    torch.manual_seed(0)
+    model = parallelize(VideoMAEClassifier(cfg, 4), compile=True, compile_backend="aot_eager")
+    x = torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+    for _ in range(2):
+        model(x).sum().backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # the block, forward (+ eval variant)

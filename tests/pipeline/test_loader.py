@@ -260,6 +260,10 @@ def test_bad_samples_skipped_counted_across_workers(tmp_path, caplog):
     assert "skipped sample" in caplog.text
     for b in batches:  # padded slots copy a good clip of the same batch: shapes never change
         assert b[1].shape == (3, 3, 4, 32, 32) and torch.isfinite(b[1]).all()
+        video, label, valid = b[1], b[3], b[4]
+        for i in torch.nonzero(~valid).flatten().tolist():  # ... with its label (finetuning trains on it,
+            twins = [j for j in range(len(valid)) if valid[j] and torch.equal(video[j], video[i])]  # weight 0)
+            assert any(label[j] == label[i] for j in twins), (b[0], i)
 
 
 def test_state_dict_mismatches_raise(uneven, tmp_path):

@@ -33,6 +33,23 @@ def _curation(n: int = 60, seed: int = 0) -> pd.DataFrame:
     )  # fmt: skip
 
 
+def _with_embeddings(df: pd.DataFrame, seed: int = 1) -> pd.DataFrame:
+    """``df`` with the columns ``vmae embed`` adds: semantic groups, 3 unequal clusters, recon losses."""
+    rng = np.random.default_rng(seed)
+    n = len(df)
+    sem = np.arange(n)
+    sem[30:34] = 30
+    sem[40:42] = 40
+    loss = rng.random(n).round(2)
+    loss[3] = np.nan  # a clip without an embedding
+    return df.assign(sem_group=sem, cluster=rng.choice([0, 1, 2], n, p=[0.6, 0.3, 0.1]), recon_loss=loss)
+
+
+# the rule fields and defaults before embedding-based fields existed: such rules must hash as they did
+OLD_RULE = {"name": "", "include_domains": [], "exclude_domains": [], "exclude_flags": [], "min_quality": None,
+            "dedup": False, "take": None, "fraction": None, "order": "random", "seed": 0}  # fmt: skip
+
+
 def _write(df: pd.DataFrame, url: str, source: str = "file:///set/manifest.json") -> bytes:
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata({b"source_manifest": source.encode()})
@@ -124,11 +141,10 @@ def test_make_subset_records_rule_and_inputs_hash(tmp_path):
     rule = SubsetRule(name="top", take=5, order="quality")
     sub = make_subset(str(tmp_path / "curation.parquet"), rule, str(tmp_path / "s.parquet"))
     back = manifest.read_subset(str(tmp_path / "s.parquet"))
-    expected_hash = hashlib.sha256(
-        raw + json.dumps(dataclasses.asdict(rule), sort_keys=True).encode()
-    ).hexdigest()
+    old = {**OLD_RULE, "name": "top", "take": 5, "order": "quality"}
+    expected_hash = hashlib.sha256(raw + json.dumps(old, sort_keys=True).encode()).hexdigest()
     assert back.inputs_hash == sub.inputs_hash == expected_hash == inputs_hash(raw, rule)
-    assert back.keys == tuple(select(df, rule)) and back.rule == rule.to_dict()
+    assert back.keys == tuple(select(df, rule)) and back.rule == rule.to_dict() == old
     assert back.source_manifest == "file:///set/manifest.json"
     extra = manifest.read_table(str(tmp_path / "s.parquet")).to_pandas().set_index("key")
     src = df.set_index("key").loc[list(back.keys)]
@@ -157,18 +173,72 @@ def test_subset_cli_with_config_and_rule_overrides(tmp_path, capsys):
     rule = dataclasses.replace(load_config(SubsetRule, "configs/curate/subsets/clean.yaml"), take=5, seed=3)
     assert manifest.read_subset(out).keys == tuple(select(df, rule))
     assert "5 samples" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="--config"):
-        main(args)
+    assert main(args) == 2  # bad input: one line on stderr, rc 2
+    assert "--config" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/curate/subsets/*.yaml")))
 def test_rule_yamls_load_and_select(path):
     rule = load_config(SubsetRule, path)
     assert rule.name == path.rsplit("/", 1)[1].removesuffix(".yaml")
-    df = _curation(200)
+    df = _with_embeddings(_curation(200))
     keys = select(df, rule)
     assert keys and len(set(keys)) == len(keys) and set(keys) <= set(df.key)
 
 
 def test_rule_yamls_exist():
     assert len(glob.glob("configs/curate/subsets/*.yaml")) >= 4
+
+
+def test_semantic_dedup_clusters_and_learnability_band_match_pandas():
+    df = _with_embeddings(_curation())
+    ok = df[df.error == ""]
+    keep = set()
+    for _, g in ok.groupby("sem_group"):
+        keep.add(max(g.itertuples(), key=lambda r: (r.quality_score, [-ord(c) for c in r.key])).key)
+    assert select(df, SubsetRule(semantic_dedup=True)) == _in_order(ok, keep)
+    both = select(df, SubsetRule(semantic_dedup=True, dedup=True))
+    assert len(both) < len(keep) and set(both) <= keep
+    assert select(df, SubsetRule(include_clusters=(0, 2))) == ok[ok.cluster.isin([0, 2])].key.tolist()
+    # percentile band: by the empirical CDF over decodable clips that have a loss, computed directly
+    have = df[(df.error == "") & df.recon_loss.notna()]
+    pct = {k: 100.0 * ((have.recon_loss < v).sum() + ((have.recon_loss == v).sum() + 1) / 2) / len(have)
+           for k, v in zip(have.key, have.recon_loss, strict=True)}  # fmt: skip
+    want = [k for k in have.key if 10 <= pct[k] <= 90]
+    assert select(df, SubsetRule(min_recon_pct=10, max_recon_pct=90)) == want
+    assert 0.75 * len(have) < len(want) < 0.85 * len(have)
+
+
+def test_balanced_take_is_as_even_as_the_clusters_allow():
+    df = _with_embeddings(_curation(200))
+    ok = df[df.error == ""]
+    sizes = ok.cluster.value_counts()
+    got = select(df, SubsetRule(take=30, balance_clusters=True, seed=2))
+    counts = ok.set_index("key").loc[got].cluster.value_counts()
+    assert len(got) == 30 and counts.max() - counts.min() <= 1 and set(counts.index) == {0, 1, 2}
+    many = select(df, SubsetRule(take=3 * int(sizes.min()) + 30, balance_clusters=True))
+    counts = ok.set_index("key").loc[many].cluster.value_counts()
+    assert counts[sizes.idxmin()] == sizes.min()  # the smallest cluster is used up, the others share the rest
+    plain = ok.set_index("key").loc[select(df, SubsetRule(take=30, seed=2))].cluster.value_counts()
+    assert plain.max() - plain.min() > 5  # unbalanced, the 60/30/10 split shows through
+
+
+def test_embedding_rules_join_embeddings_and_record_them(tmp_path):
+    df = _curation()
+    emb = _with_embeddings(df)[["key", "sem_group", "cluster", "recon_loss"]]
+    raw = _write(df, str(tmp_path / "curation.parquet"))
+    rule = SubsetRule(semantic_dedup=True, include_clusters=(0, 1), min_recon_pct=5.0)
+    with pytest.raises(ValueError, match="run `vmae embed"):
+        make_subset(str(tmp_path / "curation.parquet"), rule, str(tmp_path / "s.parquet"))
+    emb_raw = _write(emb, str(tmp_path / "embeddings.parquet"))
+    sub = make_subset(str(tmp_path / "curation.parquet"), rule, str(tmp_path / "s.parquet"))
+    assert sub.keys == tuple(select(df.merge(emb, on="key"), rule))
+    back = manifest.read_subset(str(tmp_path / "s.parquet"))
+    assert back.rule["embeddings"] == str(tmp_path / "embeddings.parquet")
+    assert back.rule["embeddings_sha256"] == hashlib.sha256(emb_raw).hexdigest()
+    assert back.rule["include_clusters"] == [0, 1] and "balance_clusters" not in back.rule
+    assert back.inputs_hash == inputs_hash(raw, rule, embeddings_bytes=emb_raw) != inputs_hash(raw, rule)
+    with pytest.raises(ValueError, match="needs column"):
+        select(df, rule)  # without the join
+    with pytest.raises(ValueError, match="percentiles"):
+        SubsetRule(min_recon_pct=80, max_recon_pct=20)

@@ -123,3 +123,25 @@ def test_bad_input_raises_value_error():
         clip_frame_indices(0, ViewSpec())
     with pytest.raises(ValueError, match="uint8"):
         views_from_frames(np.zeros((2, 8, 8, 3), np.float32), [[0]], ViewSpec(num_frames=1, input_size=8))
+
+
+def test_video_views_when_decord_fails_part_way(monkeypatch):
+    """decord fails after choosing its frames (get_batch raises): the PyAV fallback chooses again, and the
+    views are those of its frame count, not both backends' choices stacked (which raised "indices must be")."""
+    import decord
+
+    n = 20
+    data = encode_mp4(video_frames(0, n, 64, 32, "index"), fps=25, crf=10, gop=8)
+    spec = ViewSpec(num_frames=4, sampling_rate=2, input_size=32, clips=2, crops=1)
+
+    class Failing(decord.VideoReader):
+        def get_batch(self, indices):
+            raise RuntimeError("simulated decord failure")
+
+    monkeypatch.setattr(decord, "VideoReader", Failing)
+    views = video_views(data, spec, key="v")
+    assert views.shape == (2, 3, 4, 32, 32)
+    level = unnormalise(views, spec)[:, 0, :, 16, 16]
+    for v in range(2):
+        want = [frame_level(t) for t in clip_frame_indices(n, spec)[v]]
+        assert (level[v] - torch.tensor(want)).abs().max() <= 2, (v, level[v], want)
