@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -26,7 +27,7 @@ from pipeline.quality import read_frames
 
 REPORT_DIR = "report"
 METRICS = (  # curation.parquet, then embeddings.parquet columns; (column, caption)
-    ("quality_score", "combined quality score (0..1)"), ("motion", "mean |dY| between sampled frames (levels)"),
+    ("quality_score", "combined quality score (0..1)"), ("motion", "mean abs. luma change between sampled frames (levels)"),
     ("moving_fraction", "fraction of moving pixels"), ("sharpness", "variance of Laplacian (levels^2)"),
     ("exposure", "mean luma / 255"), ("black_fraction", "fraction of black frames"),
     ("dup_group_size", "pHash near-duplicate group size"), ("duration", "clip length (s)"),
@@ -118,6 +119,12 @@ def load_tables(curation_url: str, embeddings_url: str | None = None) -> tuple[p
     return df, meta
 
 
+def _caption(key: str) -> str:
+    """A thumbnail's caption: the key without its 8-hex source hash, in lines of 16 characters."""
+    short = re.sub(r"-[0-9a-f]{8}(?=_c\d{3}$|$)", "", key)
+    return "\n".join(short[i : i + 16] for i in range(0, min(len(short), 48), 16))
+
+
 def write_report(curation_url: str, *, embeddings_url: str | None = None, per_strip: int = 8) -> str:
     """Write the report beside ``curation_url``; returns the URL of ``report.md``."""
     if per_strip < 1:
@@ -151,7 +158,7 @@ def write_report(curation_url: str, *, embeddings_url: str | None = None, per_st
     frames = middle_frames(meta["source_manifest"], wanted)
     for name, title, rows, col in strips:
         thumbs = [
-            (f"{k[-18:]}" + (f"\n{v:.3g}" if col else ""), frames[k])
+            (_caption(k) + (f"\n{v:.3g}" if col else ""), frames[k])
             for k, v in zip(rows["key"], rows[col] if col else rows["key"], strict=True)
             if k in frames
         ]

@@ -32,9 +32,7 @@ import numpy as np
 class SemanticConfig:
     """Thresholds and sizes of the duplicate search and the clustering."""
 
-    dup_threshold: float = (
-        0.98  # cosine similarity (centred embeddings) at or above which clips are near-duplicates
-    )
+    dup_threshold: float = 0.98  # cosine (centred embeddings) at/above which two clips are near-duplicates
     center: bool = True  # subtract the set's mean embedding before cosines (see the module docstring)
     exact_max: int = 20000  # up to this many clips every pair is compared; above, only pairs sharing a cell
     cell_size: int = 1000  # clips per k-means cell of the approximate search (about)

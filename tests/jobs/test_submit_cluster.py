@@ -353,9 +353,10 @@ def test_elastic_pretraining_survives_losing_a_node(local_cluster, tmp_path):
     assert sizes[0] == 2 and 1 in sizes
     assert recs[max(recs)]["samples_seen"] == 40 * 8  # the schedule counts samples, whatever the world size
     assert 2 in sizes[sizes.index(1) :], f"no scale-up after the node rejoined: {sizes}"
-    # the trajectory that counts: for each step, the ranks of the last attempt that trained it (the same step
-    # of an attempt lost with the node, e.g. on the dead rank 1, does not count; an attempt's ranks log a step
-    # within moments of each other, a restart takes seconds)
+    # the trajectory that counts: for each step, the ranks of the last attempt that trained it: its world size
+    # is that of the step's latest record, and each of its ranks' latest record of the step is that attempt's
+    # (the same step of an attempt lost with the node, e.g. on the dead rank 1 of a world of 2 before a world
+    # of 1 retrained it, does not count)
     tried: dict[int, list[tuple[int, dict]]] = {}
     for path in keys.glob("rank_*.jsonl"):
         rank = int(path.name.split("_")[1].split("-")[0])
@@ -364,12 +365,14 @@ def test_elastic_pretraining_survives_losing_a_node(local_cluster, tmp_path):
             tried.setdefault(r["step"], []).append((rank, r))
     final: dict[tuple[int, int], dict] = {}
     for step, attempts in tried.items():
-        last = max(r["t"] for _, r in attempts)
-        world = next(r["world"] for _, r in attempts if r["t"] == last)
+        world = max(attempts, key=lambda a: a[1]["t"])[1]["world"]
         for rank, r in attempts:
-            if r["world"] == world and r["t"] > last - 2.0:
+            if (
+                rank < world
+                and r["world"] == world
+                and ((step, rank) not in final or final[step, rank]["t"] < r["t"])
+            ):
                 final[step, rank] = r
-        assert len({rk for st, rk in final if st == step}) == world, (step, attempts)
     by_epoch: dict[int, list[str]] = {}
     for (step, _), r in final.items():
         if step <= max(recs):
