@@ -32,6 +32,7 @@ from jobs.train_config import AugmentSection, FinetuneConfig
 from model import VideoMAE, VideoMAEClassifier
 from pipeline import storage
 from pipeline.masking import ClipSpec
+from pipeline.transforms import model_input
 
 
 def build_finetune_optimizer(
@@ -181,7 +182,7 @@ class FinetuneTask:
         label = batch["label"].clamp(min=0)  # -1 only where a whole micro-batch is stand-ins (zeros)
         # copy the pinned host tensors; nothing is indexed on the host (an unpinned copy would turn the
         # non_blocking transfer into a synchronous one)
-        video = batch["video"].to(device, non_blocking=True)
+        video = model_input(batch["video"], device)  # uint8 from the loader, normalised on the device
         label = label.to(device, non_blocking=True)
         weight = valid.to(device, torch.float32, non_blocking=True)
         target = label

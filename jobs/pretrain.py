@@ -20,7 +20,7 @@ from jobs.config import load_config
 from jobs.train_config import PretrainConfig
 from pipeline import storage
 from pipeline.masking import ClipSpec
-from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, model_input
 
 
 class PretrainTask:
@@ -50,7 +50,7 @@ class PretrainTask:
     def forward(
         self, model: nn.Module, batch: dict[str, Any], device: torch.device
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        video = batch["video"].to(device, non_blocking=True)
+        video = model_input(batch["video"], device)  # uint8 from the loader, normalised on the device
         mask = batch["mask"]  # stays on the CPU: the model splits tokens where the mask lives (no host sync)
         loss, pred = model(video, mask)
         self._last = (video, mask, pred)

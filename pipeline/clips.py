@@ -32,7 +32,7 @@ import torch
 
 from pipeline.decode import BadSample, check_length, parse_label, read_clip_frames
 from pipeline.masking import ClipSpec, clip_masks
-from pipeline.transforms import apply_crop, sample_crop
+from pipeline.transforms import crop_clip, sample_crop, stack_clips
 
 if TYPE_CHECKING:
     from pipeline.loader import LoaderConfig
@@ -84,13 +84,13 @@ class Decoded:
         return 0 if self.frames is None else int(self.frames.nbytes)
 
 
-def decode_sample(key: str, sample: dict[str, Any]) -> Decoded:
-    """Every frame and the label of a shard sample (decord, PyAV fallback), or the reason it is unusable."""
+def decode_sample(key: str, sample: dict[str, Any], *, backend: str = "auto") -> Decoded:
+    """Every frame and the label of a shard sample, or the reason it is unusable."""
     try:
         if "mp4" not in sample:
             raise BadSample(key, "no .mp4 member")
         label = parse_label(sample)
-        frames, _, _ = read_clip_frames(sample["mp4"], lambda n: range(n), key=key)
+        frames, _, _ = read_clip_frames(sample["mp4"], lambda n: range(n), key=key, backend=backend)
     except BadSample as e:
         return Decoded(frames=None, error=e)
     return Decoded(frames=frames, label=label)
@@ -102,8 +102,9 @@ def make_clips(
     """Cut ``cfg.num_sample`` clips of ``spec`` from one video: ``source`` is its MP4 bytes (decoded once,
     only the frames the clip needs) or all of its decoded frames (uint8 ``[N, H, W, 3]``, the cache).
 
-    Returns ``(video_RCTSS float32, mask_RL bool)``. Raises :class:`pipeline.decode.BadSample` for
-    undecodable or too-short videos.
+    Returns ``(video_RCTSS uint8, mask_RL bool)``: the ``R`` clips share one decode (each has its own crop,
+    flip and mask); :func:`pipeline.transforms.normalize` makes the float input on the training device.
+    Raises :class:`pipeline.decode.BadSample` for undecodable or too-short videos.
     """
     g_time = sample_generator(seed, epoch, key, "time")
     if isinstance(source, np.ndarray):
@@ -115,6 +116,7 @@ def make_clips(
             lambda n: sample_frame_indices(n, spec.num_frames, cfg.sampling_rate, g_time),
             key=key,
             min_frames=cfg.min_frames,
+            backend=cfg.decode_backend,
         )
     frames_TCHW = torch.from_numpy(frames_THWC).permute(0, 3, 1, 2)
     height, width = frames_TCHW.shape[-2:]
@@ -124,9 +126,9 @@ def make_clips(
         crop = sample_crop(
             width, height, input_size=spec.input_size, scales=cfg.scales, flip=cfg.flip, generator=g
         )
-        clips.append(apply_crop(frames_TCHW, crop, input_size=spec.input_size))
+        clips.append(crop_clip(frames_TCHW, crop, input_size=spec.input_size))
         mask_gens.append(sample_generator(seed, epoch, key, f"mask{r}"))
-    return torch.stack(clips), clip_masks(spec, mask_gens)
+    return stack_clips(clips), clip_masks(spec, mask_gens)
 
 
 def collate_clips(
@@ -139,7 +141,7 @@ def collate_clips(
     pad_id: str,
 ) -> dict[str, Any]:
     """``V`` shard samples (or their :class:`Decoded` frames) -> one batch of ``B = V * R`` clips (keys:
-    ``video, mask, label, valid, key, skipped``).
+    ``video`` uint8 ``[B, 3, T, S, S]``, ``mask, label, valid, key, skipped``).
 
     A bad sample never stops training: its slots are refilled with copies of the batch's good clips and their
     labels (or, if none, zeros with label -1 and a fresh mask drawn from ``pad_id``) marked ``valid`` False,
@@ -175,12 +177,14 @@ def collate_clips(
             src = good[n % len(good)]
             videos[i], masks[i], labels[i] = videos[src], masks[src], labels[src]
         else:
-            videos[i] = torch.zeros(r, 3, spec.num_frames, spec.input_size, spec.input_size)
+            videos[i] = torch.zeros(
+                r, 3, spec.num_frames, spec.input_size, spec.input_size, dtype=torch.uint8
+            )
             masks[i] = clip_masks(
                 spec, [sample_generator(seed, epoch, f"pad/{pad_id}/{i}", str(j)) for j in range(r)]
             )
     return {
-        "video": torch.cat(videos),
+        "video": stack_clips(videos),
         "mask": torch.cat(masks),
         "label": torch.tensor(labels, dtype=torch.int64).repeat_interleave(r),
         "valid": torch.tensor(valid, dtype=torch.bool),

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import manifest as mf
 from pipeline import storage
 from pipeline.clips import Decoded, collate_clips, decode_sample
-from pipeline.decode import stream_in_order
+from pipeline.decode import BACKENDS, resolve_backend, stream_in_order
 from pipeline.masking import ClipSpec
 from pipeline.storage import StorageConfig
 from pipeline.transforms import VIDEOMAE_SCALES
@@ -82,6 +82,7 @@ class LoaderConfig:
     verify: str = "size"  # check each shard against the manifest before reading: "size", "sha256" or "none"
     cache: bool = False  # keep every decoded video in memory after its first decode (small sets)
     cache_max_mb: int = 4096  # the cache stops growing here (later samples are decoded each epoch)
+    decode_backend: str = "auto"  # pipeline.decode.BACKENDS; auto: the fastest usable one (pyav on CPU)
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
@@ -93,6 +94,8 @@ class LoaderConfig:
                 f"(got {self.num_workers}): DataLoader worker processes are re-created every epoch and "
                 "would lose it"
             )
+        if self.decode_backend not in BACKENDS:
+            raise ValueError(f"loader.decode_backend must be one of {BACKENDS}, got {self.decode_backend!r}")
         if self.verify not in VERIFY:
             raise ValueError(f"loader.verify must be one of {VERIFY}, got {self.verify!r}")
         if self.cache_max_mb < 1:
@@ -334,7 +337,7 @@ class _ClipStream(IterableDataset):
             if got != key:  # invariant of stream_in_order
                 raise RuntimeError(f"loader cache: expected sample {key!r}, the shards gave {got!r}")
             if not isinstance(sample, Exception):  # a sample its shard did not deliver is not a verdict
-                sample = decode_sample(key, sample)
+                sample = decode_sample(key, sample, backend=cfg.decode_backend)
                 cache.add(key, sample)
             yield key, sample
 
@@ -365,7 +368,8 @@ def _worker_init(_: int) -> None:
 class ClipLoader:
     """Iterable over one rank's batches of the current epoch (dicts, ``B = batch_size`` clips):
 
-    ``video`` float32 [B, 3, T, S, S] (ImageNet-normalised), ``mask`` bool [B, L] (True = masked), ``label`` int64 [B] (-1: none),
+    ``video`` uint8 [B, 3, T, S, S] (pixels; ``pipeline.transforms.normalize`` on the training device makes the
+    model's float input), ``mask`` bool [B, L] (True = masked), ``label`` int64 [B] (-1: none),
     ``valid`` bool [B] (False: a copy of a good clip, with its label, standing in for a skipped sample), ``key`` list[str] of length B.
 
     Iterating yields the rest of the epoch from the cursor; finishing it moves to the next epoch (cursor 0).
@@ -387,6 +391,8 @@ class ClipLoader:
             raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+        # resolved once here: an unusable backend fails now, and every worker decodes with the same one
+        cfg = dataclasses.replace(cfg, decode_backend=resolve_backend(cfg.decode_backend))
         self.cfg, self.spec, self.rank, self.world_size = cfg, spec, rank, world_size
         self.shards = load_shards(cfg) if shards is None else shards
         self.num_samples = sum(len(s.keys) for s in self.shards)

@@ -40,7 +40,9 @@ class StorageConfig:
 
 
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-_SECRET_FIELDS = frozenset({"secret", "password", "token", "secret_key", "session_token", "aws_secret_access_key"})
+_SECRET_FIELDS = frozenset(
+    {"secret", "password", "token", "secret_key", "session_token", "aws_secret_access_key"}
+)
 REDACTED = "***"
 
 
@@ -109,7 +111,9 @@ def check_bucket(url: str, cfg: StorageConfig | None = None) -> None:
     except PermissionError as e:
         raise ValueError(f"bucket {bucket!r} of {url!r} is not accessible with these credentials: {e}") from e
     if not ok:
-        raise ValueError(f"bucket {bucket!r} of {url!r} does not exist; create it first (vmae never creates buckets)")
+        raise ValueError(
+            f"bucket {bucket!r} of {url!r} does not exist; create it first (vmae never creates buckets)"
+        )
 
 
 def storage_options(url: str, cfg: StorageConfig | None = None) -> dict[str, Any]:

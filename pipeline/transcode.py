@@ -31,6 +31,7 @@ from pipeline import scenes
 from pipeline.probe import ProbeError, VideoInfo, probe
 
 SPLITS = ("fixed", "scenes")
+X264_TUNES = ("", "fastdecode", "film", "animation", "grain", "stillimage", "psnr", "ssim", "zerolatency")
 _SCENE_FIELDS = ("scene_threshold", "scene_min_s")  # only part of the identity when split=scenes
 
 
@@ -44,9 +45,11 @@ class TranscodeConfig:
 
     short_side: int = 320  # target short side (even); smaller videos keep their size
     fps: float | None = 30.0  # constant output rate; None keeps the source's average rate
-    gop: int = 16  # key frame interval (frames): a random access decodes at most gop - 1 extra frames
+    gop: int = 32  # key frame interval (frames): a random access decodes at most gop - 1 extra frames
     crf: int = 23
     preset: str = "veryfast"
+    bframes: int | None = None  # most consecutive B-frames (0: none; None: the preset's, veryfast: 3)
+    tune: str = "fastdecode"  # x264 tune ("": none); fastdecode: no CABAC or deblocking (benchmarks/loader_throughput.py)
     max_clip_s: float | None = None  # cut longer videos into clips of at most this length; None: one clip
     min_frames: int = 2  # fewer output frames than this: reject (a single still is not a video)
     max_aspect: float = 4.0  # long / short side; wider strips are not natural video: reject
@@ -76,6 +79,10 @@ class TranscodeConfig:
             raise ValueError(f"transcode.gop must be >= 1, got {self.gop}")
         if not 0 <= self.crf <= 51:
             raise ValueError(f"transcode.crf must be in [0, 51], got {self.crf}")
+        if self.bframes is not None and not 0 <= self.bframes <= 16:
+            raise ValueError(f"transcode.bframes must be in [0, 16] or null (preset's), got {self.bframes}")
+        if self.tune not in X264_TUNES:
+            raise ValueError(f"transcode.tune must be one of {X264_TUNES}, got {self.tune!r}")
         if self.min_frames < 1:
             raise ValueError(f"transcode.min_frames must be >= 1, got {self.min_frames}")
         if self.max_clip_s is not None and self.max_clip_s <= 0:
@@ -204,7 +211,9 @@ class _ClipWriter:
         self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
         self.stream.codec_context.time_base = 1 / rate
         gop = str(cfg.gop)
-        self.stream.options = {"crf": str(cfg.crf), "preset": cfg.preset, "g": gop, "keyint_min": gop}
+        self.stream.options = {"crf": str(cfg.crf), "preset": cfg.preset, "g": gop, "keyint_min": gop,
+                               **({"bf": str(cfg.bframes)} if cfg.bframes is not None else {}),
+                               **({"tune": cfg.tune} if cfg.tune else {})}  # fmt: skip
         self.stream.codec_context.gop_size = cfg.gop
         self.stream.thread_count = cfg.threads
 

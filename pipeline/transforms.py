@@ -5,8 +5,10 @@ global ``random``; here every draw comes from a generator the caller seeds per s
 not depend on which worker made it or when (needed for exact resume). The crop is applied with
 ``torchvision.transforms.v2.functional`` to the whole clip at once (same crop for every frame).
 
-Legend: ``T`` frames, ``C`` = 3 RGB channels, ``H, W`` pixels. Inputs are uint8 ``[T, C, H, W]``; outputs
-float32 ``[C, T, S, S]`` with ``S`` = ``input_size``, ImageNet-normalised.
+Legend: ``T`` frames, ``C`` = 3 RGB channels, ``H, W`` pixels, ``S`` = ``input_size``. Inputs are uint8
+``[T, C, H, W]``; :func:`crop_clip` gives uint8 ``[C, T, S, S]`` (the training loader's clips) and
+:func:`normalize` turns uint8 into ImageNet-normalised float32 wherever the tensor lives (the training
+device); :func:`apply_crop` is both at once on the CPU (the float path of evaluation and the baselines).
 """
 
 from __future__ import annotations
@@ -86,16 +88,13 @@ def sample_crop(
     return Crop(top=top, left=left, height=h, width=w, flip=mirrored)
 
 
-def apply_crop(
-    frames_TCHW: torch.Tensor,
-    crop: Crop,
-    *,
-    input_size: int,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> torch.Tensor:
-    """Crop, resize to ``input_size`` (bilinear with antialias, like PIL's), flip, scale to [0, 1] and
-    normalise. uint8 ``[T, C, H, W]`` -> float32 ``[C, T, S, S]``."""
+def crop_clip(frames_TCHW: torch.Tensor, crop: Crop, *, input_size: int) -> torch.Tensor:
+    """Crop, resize to ``input_size`` (bilinear with antialias, like PIL's) and flip, staying uint8 (what the
+    training loader ships: 4x fewer bytes to collate, pin and copy than float32). uint8 ``[T, C, H, W]`` ->
+    uint8 ``[C, T, S, S]``, a view of the resize's output: channels-last frames (``[T, S, S, C]`` in memory)
+    when the input is (decoded ``[T, H, W, C]`` frames, permuted), so nothing is transposed on the CPU;
+    :func:`stack_clips` keeps that layout and :func:`model_input` finishes the clip on the training
+    device."""
     if frames_TCHW.dtype != torch.uint8 or frames_TCHW.ndim != 4 or frames_TCHW.shape[1] != 3:
         raise ValueError(
             f"frames must be uint8 [T, 3, H, W], got {frames_TCHW.dtype} {tuple(frames_TCHW.shape)}"
@@ -112,6 +111,49 @@ def apply_crop(
     )
     if crop.flip:
         x = tvF.horizontal_flip(x)
-    x = tvF.to_dtype(x, torch.float32, scale=True)
-    x = tvF.normalize(x, list(mean), list(std), inplace=True)
-    return x.permute(1, 0, 2, 3).contiguous()
+    return x.permute(1, 0, 2, 3)
+
+
+def stack_clips(clips: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Clips ``[..., C, T, S, S]`` (``[C, T, S, S]`` or batches of them) -> one ``[N, C, T, S, S]`` tensor, a
+    view of a contiguous ``[N, T, S, S, C]`` buffer: copied frame by frame in the layout :func:`crop_clip`
+    leaves them in (a transposing copy costs ~2 ms per 16x224^2 clip on one core; the device does it free)."""
+    frames_NTSSC = [c.reshape(-1, *c.shape[-4:]).permute(0, 2, 3, 4, 1) for c in clips]  # views, no copy
+    return torch.cat(frames_NTSSC).permute(0, 4, 1, 2, 3)
+
+
+def normalize(
+    video: torch.Tensor, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
+    """uint8 pixels -> float32 ``(x / 255 - mean) / std`` per channel, on the tensor's device; channels are
+    dim -4 (``[C, T, H, W]`` or ``[B, C, T, H, W]``). The same operations, in the same order, as
+    torchvision's ``to_dtype(scale=True)`` + ``normalize``, so the result equals the float path's."""
+    if video.dtype != torch.uint8 or video.ndim < 4 or video.shape[-4] != len(mean):
+        raise ValueError(
+            f"video must be uint8 [..., {len(mean)}, T, H, W], got {video.dtype} {tuple(video.shape)}"
+        )
+    m = torch.as_tensor(mean, dtype=torch.float32, device=video.device).view(-1, 1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=video.device).view(-1, 1, 1, 1)
+    return video.to(torch.float32).mul_(1.0 / 255).sub_(m).div_(s)
+
+
+def model_input(video: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A batch's video as the model takes it, on ``device``: uint8 pixels (the training loader's) are copied
+    there (a quarter of float32's bytes) and normalised there in float32 (under bf16 autocast the first
+    matmul casts; the pretraining target keeps float32 pixels); a floating video is already normalised
+    (the float path) and is only moved."""
+    video = video.to(device, non_blocking=True)
+    return normalize(video.contiguous()) if video.dtype == torch.uint8 else video
+
+
+def apply_crop(
+    frames_TCHW: torch.Tensor,
+    crop: Crop,
+    *,
+    input_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """The float path (the official loader's order: crop, resize, flip, scale to [0, 1], normalise, on the
+    CPU): uint8 ``[T, C, H, W]`` -> float32 ``[C, T, S, S]``."""
+    return normalize(crop_clip(frames_TCHW, crop, input_size=input_size).contiguous(), mean=mean, std=std)

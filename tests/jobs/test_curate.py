@@ -12,6 +12,7 @@ from jobs.config import load_config
 from jobs.curate import CurateConfig, add_dup_groups, curation_url, run_curation, summarize
 from jobs.shard import RayConfig
 from pipeline import manifest
+from pipeline.decode import AUTO_ORDER
 from pipeline.quality import CURATION_SCHEMA, QualityConfig
 from pipeline.shards import ShardConfig, ShardSample, write_shard
 from pipeline.synth import DEFECTS, DefectFractions, SynthConfig, synthesize
@@ -97,7 +98,7 @@ def test_curate_job_end_to_end(shard_set, tmp_path, capsys):
     assert "undecodable" in bad.error and bad.quality_score == 0
     df = df[df.key != "zz_garbage"].set_index("key")
     truth = synth.assign(key=synth.path.map(_key)).set_index("key").loc[df.index]
-    assert (df.error == "").all() and (df.decoder == "decord").all()
+    assert (df.error == "").all() and df.decoder.isin(AUTO_ORDER).all()  # never the whole-file fallback
     assert (df.label == truth.label).all() and (df.domain == truth.domain).all()
     assert (df.width == truth.width).all() and (df.height == truth.height).all() and (df.frames == 16).all()
     assert np.allclose(df.duration, 16 / 15)

@@ -30,7 +30,9 @@ def test_overrides_apply_on_top_of_the_embedded_default():
     cfg = _cfg("/x")
     assert cfg.videos_per_group == 10 and cfg.synth.classes == DemoConfig().synth.classes
     study = cfg.study()
-    assert study.data.synth.videos_per_class == 10 and study.output == "/x/study" and study.cache == "/x/cache"
+    assert (
+        study.data.synth.videos_per_class == 10 and study.output == "/x/study" and study.cache == "/x/cache"
+    )
     assert [c["init"] for c in study.grid.cells] == ["pretrained", "scratch"] and study.seeds == (0,)
     assert main(["videos_per_group=0"]) == 2  # a bad value is reported, not raised
     assert main(["nope=1"]) == 2
@@ -45,7 +47,9 @@ def test_demo_small_then_rerun_skips(ray_cluster, tmp_path):
              for p in __import__("glob").glob(os.path.join(out, "study", "cells", "*", "seed_0", "result.json"))}  # fmt: skip
     assert set(cells) == {"pretrained", "scratch"}
     for init in ("pretrained", "scratch"):  # the summary shows the evaluators' own numbers
-        assert s[init] == {m: cells[init]["metrics"][m] for m in ("finetune.top1", "linear_probe.top1", "knn.top1")}
+        assert s[init] == {
+            m: cells[init]["metrics"][m] for m in ("finetune.top1", "linear_probe.top1", "knn.top1")
+        }
     assert (s["labelled_train"], s["test"]) == (2 * 4 * 2, 3 * 4 * 2) and s["chance"] == 0.25
     assert s["pretrain_steps"] == 4 and open(s["recon_png"], "rb").read(4) == b"\x89PNG"
     assert open(s["plot"], "rb").read(4) == b"\x89PNG"
@@ -53,8 +57,15 @@ def test_demo_small_then_rerun_skips(ray_cluster, tmp_path):
     assert mf.read_manifest(shards).num_samples == 10 * 4 * 2
     text = open(os.path.join(out, "summary.md")).read()
     p, z = s["pretrained"], s["scratch"]
-    assert f"finetune {p['finetune.top1']:.2f} pretrained vs {z['finetune.top1']:.2f} scratch (chance 0.25)" in text
+    assert (
+        f"finetune {p['finetune.top1']:.2f} pretrained vs {z['finetune.top1']:.2f} scratch (chance 0.25)"
+        in text
+    )
     assert s["recon_png"] in text
 
     again = run_demo(_cfg(out))
-    assert again["ran"] == 0 and again["pretrained"] == s["pretrained"] and again["checkpoint"] == s["checkpoint"]
+    assert (
+        again["ran"] == 0
+        and again["pretrained"] == s["pretrained"]
+        and again["checkpoint"] == s["checkpoint"]
+    )

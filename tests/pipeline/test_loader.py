@@ -1,5 +1,6 @@
 """The training loader end to end on tiny shard sets: exactly-once coverage over ranks x workers, equal batch
-counts, determinism, exact and elastic resume, subsets, bad samples, config, and S3."""
+counts, determinism, exact and elastic resume, subsets, bad samples, config, S3, and its uint8 clips against
+the float path they replace."""
 
 from collections import Counter
 
@@ -9,6 +10,9 @@ import torch
 
 from jobs.config import load_config
 from pipeline import storage
+from pipeline.clips import sample_frame_indices, sample_generator
+from pipeline.decode import iter_shard
+from pipeline.encode import decode_all
 from pipeline.loader import (
     Layout,
     LoaderConfig,
@@ -21,6 +25,7 @@ from pipeline.loader import (
 )
 from pipeline.manifest import write_subset
 from pipeline.masking import ClipSpec
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, model_input, sample_crop
 from tests.pipeline.shardset_helpers import make_shard_set
 
 SMALL = dict(sampling_rate=2, shuffle_buffer=4)
@@ -262,7 +267,9 @@ def test_bad_samples_skipped_counted_across_workers(tmp_path, caplog):
         assert b[1].shape == (3, 3, 4, 32, 32) and torch.isfinite(b[1]).all()
         video, label, valid = b[1], b[3], b[4]
         for i in torch.nonzero(~valid).flatten().tolist():  # ... with its label (finetuning trains on it,
-            twins = [j for j in range(len(valid)) if valid[j] and torch.equal(video[j], video[i])]  # weight 0)
+            twins = [
+                j for j in range(len(valid)) if valid[j] and torch.equal(video[j], video[i])
+            ]  # weight 0)
             assert any(label[j] == label[i] for j in twins), (b[0], i)
 
 
@@ -307,3 +314,76 @@ def test_reads_from_s3(s3_bucket):
     loader = make_loader(small_cfg(url, num_workers=1), SPEC, rank=0, world_size=1)
     keys = [k for b in run_epoch(loader) for k in b[0]]
     assert sorted(keys) == [f"vid{i:05d}" for i in range(6)] and loader.stats["skipped"] == 0
+
+
+def _float_path(mp4: bytes, key: str, r: int, cfg: LoaderConfig, spec: ClipSpec, epoch: int) -> torch.Tensor:
+    """Clip ``r`` of ``key`` the way the loader made it before it shipped uint8, from independent pieces: a full
+    PyAV decode, the sampler's frames, torchvision's crop/resize/flip, ``to_dtype(scale)``, ``normalize``."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as tvF
+
+    frames = decode_all(mp4)
+    g = sample_generator(cfg.seed, epoch, key, "time")
+    x = torch.from_numpy(frames[sample_frame_indices(len(frames), spec.num_frames, cfg.sampling_rate, g)])
+    x = x.permute(0, 3, 1, 2)
+    c = sample_crop(x.shape[-1], x.shape[-2], input_size=spec.input_size, scales=cfg.scales, flip=cfg.flip,
+                    generator=sample_generator(cfg.seed, epoch, key, f"aug{r}"))  # fmt: skip
+    x = tvF.resized_crop(x, c.top, c.left, c.height, c.width, [spec.input_size] * 2,
+                         interpolation=InterpolationMode.BILINEAR, antialias=True)  # fmt: skip
+    x = tvF.horizontal_flip(x) if c.flip else x
+    x = tvF.normalize(tvF.to_dtype(x, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
+    return x.permute(1, 0, 2, 3)
+
+
+def test_uint8_clips_normalised_on_the_device_equal_the_float_path(tmp_path):
+    url = str(tmp_path / "set")
+    make_shard_set(url, 6, 2, pattern="moving", width=80, height=48, frames=20)
+    mp4 = {
+        s["__key__"]: s["mp4"] for i in range(2) for s in iter_shard(f"{url}/shard-{i:06d}.tar", want=bool)
+    }
+    cfg = small_cfg(url, num_workers=1, num_sample=2, batch_size=4)
+    loader = make_loader(cfg, SPEC)
+    seen = 0
+    for epoch in range(2):
+        for batch in loader:
+            video = batch["video"]
+            assert video.dtype == torch.uint8 and video.shape == (4, 3, 4, 32, 32)
+            x = model_input(video, "cpu")  # what PretrainTask.forward / FinetuneTask.forward do on the device
+            assert x.dtype == torch.float32 and x.is_contiguous()
+            for b, key in enumerate(batch["key"]):
+                ref = _float_path(mp4[key], key, b % 2, cfg, SPEC, epoch)
+                assert (x[b] - ref).abs().max() <= 1e-6, (key, b)
+                seen += 1
+    assert seen == 2 * 3 * 4  # 2 epochs x (6 videos // 2 per batch) batches of 4 clips
+
+
+@pytest.mark.parametrize("task_name", ["pretrain", "finetune"])
+def test_tasks_train_on_uint8_batches_as_on_float_ones(tmp_path, task_name):
+    """The tasks' loss on a loader batch (uint8, normalised in ``forward``) is the loss of the same batch in
+    float32 (the float path): what the golden loss (tests/model/test_golden.py) pins stays what training sees."""
+    from jobs.config import load_config
+
+    url = str(tmp_path / "set")
+    make_shard_set(url, 4, 1, pattern="moving", width=64, height=48, frames=12, num_classes=4)
+    if task_name == "pretrain":
+        from jobs.pretrain import PretrainTask as Task
+        from jobs.train_config import PretrainConfig as Config
+
+        over = []
+    else:
+        from jobs.finetune import FinetuneTask as Task
+        from jobs.train_config import FinetuneConfig as Config
+
+        over = ["augment.mixup_alpha=0", "augment.cutmix_alpha=0"]
+    cfg = load_config(Config, f"configs/{task_name}/debug.yaml", [f"loader.manifest={url}", *over])
+    task = Task(cfg)
+    batch = next(iter(make_loader(cfg.loader, task.clip_spec())))
+    assert batch["video"].dtype == torch.uint8
+    torch.manual_seed(0)
+    model = task.build_model(resuming=True).eval()
+    floats = {**batch, "video": model_input(batch["video"], "cpu")}
+    torch.manual_seed(1)
+    loss_u8, _ = task.forward(model, batch, torch.device("cpu"))
+    torch.manual_seed(1)
+    loss_f32, _ = task.forward(model, floats, torch.device("cpu"))
+    assert loss_u8.item() == pytest.approx(loss_f32.item(), rel=1e-6)

@@ -203,7 +203,7 @@ def test_read_frames_falls_back_to_pyav_and_rejects_garbage():
     frames = _clip("right", size=(48, 32), frames=10)  # decord 0.6 cannot decode 48 px wide frames
     sampled, total, backend = read_frames(encode_mp4(frames, fps=15), 4)
     assert backend == "pyav" and total == 10 and sampled.shape == (4, 32, 48, 3)
-    assert read_frames(encode_mp4(_clip(size=(64, 32), frames=10), fps=15), 4)[2] == "decord"
+    assert read_frames(encode_mp4(_clip(size=(64, 32), frames=10), fps=15), 4)[2] == "pyav"  # backend auto
     with pytest.raises(BadSample, match="undecodable"):
         read_frames(b"not a video at all", 4)
 
