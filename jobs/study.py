@@ -394,7 +394,7 @@ def run_study(cfg: StudyConfig, *, address: str | None = None) -> dict[str, Any]
         started = True
     try:
         save_config(cfg, cfg.output, "study_config.yaml")
-        data = prepare_data(cfg.data, storage.join(cfg.store, "data"))
+        data = prepare_data(cfg.data, storage.join(cfg.store, "data"), launcher=cfg.runner.pretrain)
         cells = expand_grid(cfg)
         runs = [resolve_cell(cfg, p, data, seed) for p in cells for seed in cfg.seeds]
         results, counts = _run_all(cfg, runs, data)

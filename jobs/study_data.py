@@ -6,6 +6,12 @@ the stages that are already there and skips them, and a changed config writes ne
 data. Stages call the jobs' Python APIs (``synthesize``, ``shard``, ``run_curation``, ``make_subset``) on
 the Ray instance the study started.
 
+Model-based subset rules (``semantic_dedup``, ``include_clusters``, ``balance_clusters``, ``*_recon_pct``)
+read an embeddings table (``vmae embed``). With ``data.embed`` the data gains that stage, run only when some
+rule reads it: a curation model pretrained on one of the plain subsets by the study's pretraining path
+(``embed/model-<h>``), or a given checkpoint, embeds every clip into ``embed/embeddings-<h>/``; the hash of
+that table is part of every subset that reads it.
+
 A *target* is a labelled evaluation set: a subset rule (usually clean samples of some domains) whose keys are
 split per class (or per domain and class) into a labelled-train and a test subset (stratified, seeded,
 disjoint): a fraction, or fixed counts per group. Pretraining subsets never hold a target's keys
@@ -96,6 +102,22 @@ class TargetSpec:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class EmbedSection(JobRef):
+    """Where the embeddings table comes from: a model pretrained here (``pretrain``: a pretraining YAML and
+    overrides, trained on data subset ``subset``) or an existing ``checkpoint``; ``config``/``overrides`` are
+    the ``vmae embed`` job's (``jobs.embed.EmbedConfig``)."""
+
+    pretrain: JobRef | None = None
+    subset: str = "all"
+    checkpoint: str | None = None  # identified by its URL: a checkpoint rewritten in place is not noticed
+
+    def __post_init__(self) -> None:
+        if (self.pretrain is None) == (self.checkpoint is None):
+            raise ValueError("data.embed: give exactly one of pretrain (train the curation model on "
+                             "data.embed.subset) or checkpoint (an existing model)")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Either ``synth`` (the study generates the videos) or ``manifest`` (an existing shard set)."""
 
@@ -107,6 +129,7 @@ class DataConfig:
     subsets: tuple[SubsetRule, ...] = (SubsetRule(name="all"),)
     targets: tuple[TargetSpec, ...] = (TargetSpec(name="all"),)
     exclude_target_keys: bool = True  # pretraining subsets never hold a target's clips (or their near-copies)
+    embed: EmbedSection | None = None  # the embeddings the model-based subset rules read
 
     def __post_init__(self) -> None:
         if (self.synth is None) == (self.manifest is None):
@@ -119,6 +142,19 @@ class DataConfig:
                 raise ValueError(
                     f"data.{what} must be a non-empty list with unique, non-empty names: {names}"
                 )
+        for rule in self.subsets:
+            if rule.embedding_columns and self.embed is None:
+                raise ValueError(f"data.subsets: rule {rule.name!r} reads {', '.join(rule.embedding_columns)} of "
+                                 "the embeddings table; add a data.embed section (the model that writes it)")  # fmt: skip
+        for t in self.targets:  # targets come first: the curation model is pretrained without their clips
+            if t.rule.embedding_columns:
+                raise ValueError(f"target {t.name!r}: a target's rule selects from the curation table only, "
+                                 f"not {', '.join(t.rule.embedding_columns)} of the embeddings")  # fmt: skip
+        if self.embed is not None and self.embed.pretrain is not None:
+            rules = {r.name: r for r in self.subsets}
+            if self.embed.subset not in rules or rules[self.embed.subset].embedding_columns:
+                raise ValueError(f"data.embed.subset {self.embed.subset!r} must name a subset that needs no "
+                                 f"embeddings, from {sorted(rules)}")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -157,6 +193,7 @@ class PreparedData:
     curation_url: str
     subsets: dict[str, SubsetInfo]
     targets: dict[str, TargetInfo]
+    embeddings_url: str | None = None  # the embeddings table the model-based rules read (if any does)
 
 
 def stratified_split(
@@ -237,13 +274,48 @@ def write_target_split(
     return train, test, h
 
 
-def prepare_data(cfg: DataConfig, root: str) -> PreparedData:
-    """Make (or find) everything the cells read: the shard set, its curation, each subset and target split."""
+def _job_cfg(cls: type, ref: JobRef, extra: tuple[str, ...] = ()) -> Any:
+    """A job's config from its YAML (path as the study gives it) plus overrides."""
+    return load_config(cls, resolve_path(ref.config) if ref.config else None, [*ref.overrides, *extra])
+
+
+def embed_stage(
+    emb: EmbedSection, manifest_url: str, root: str, curation_sha256: str, subsets: dict[str, SubsetInfo],
+    launcher: str = "train",
+) -> tuple[str, str]:  # fmt: skip
+    """Make (or find) the embeddings table of the shard set: pretrain the curation model on subset
+    ``emb.subset`` with the study's pretraining stage (``launcher``: ``train`` | ``local``), or take
+    ``emb.checkpoint``, then embed every clip. Returns ``(url, sha256 of the table)``."""
+    from jobs.embed import EmbedConfig, embeddings_url, run_embed
+    from jobs.study_cells import pretrain_stage
+    from jobs.train_config import PretrainConfig
+
+    ecfg, pcfg = _job_cfg(EmbedConfig, emb), None
+    if emb.pretrain is not None:
+        pcfg, sub = _job_cfg(PretrainConfig, emb.pretrain), subsets[emb.subset]
+        pcfg = dataclasses.replace(
+            pcfg, loader=dataclasses.replace(pcfg.loader, manifest=manifest_url, subset=sub.url)
+        )
+        model = {k: v for k, v in to_dict(pcfg).items() if k not in ("name", "storage_path")}
+        model["subset_hash"] = sub.inputs_hash
+        pcfg = dataclasses.replace(
+            pcfg, name=f"model-{digest(model)[:12]}", storage_path=storage.join(root, "embed")
+        )
+    else:
+        model = {"checkpoint": emb.checkpoint}
+    out = storage.join(root, "embed", f"embeddings-{digest([curation_sha256, model, to_dict(ecfg)])[:12]}")
+    url = embeddings_url(out)
+    if not storage.exists(url):  # the table is written last
+        ckpt = emb.checkpoint if pcfg is None else pretrain_stage(pcfg, "pretrained", launcher)["checkpoint"]
+        run_embed(ckpt, manifest_url, out, ecfg)
+    return url, hashlib.sha256(storage.read_bytes(url)).hexdigest()
+
+
+def prepare_data(cfg: DataConfig, root: str, *, launcher: str = "train") -> PreparedData:
+    """Make (or find) everything the cells read: the shard set, its curation, each target split and subset
+    (and the embeddings, when a subset rule reads them; ``launcher`` pretrains their model)."""
     from jobs.curate import CurateConfig, run_curation
     from jobs.shard import ShardJobConfig, shard
-
-    def job_cfg(cls: type, ref: JobRef, extra: tuple[str, ...] = ()) -> Any:
-        return load_config(cls, resolve_path(ref.config) if ref.config else None, [*ref.overrides, *extra])
 
     if cfg.synth is not None:
         from pipeline.synth import synthesize
@@ -252,7 +324,7 @@ def prepare_data(cfg: DataConfig, root: str) -> PreparedData:
         if not storage.exists(storage.join(raw, SUMMARY_NAME)):  # synth.json is written last
             synthesize(cfg.synth, raw)
         # synth writes <domain>/<class>/<clip>.mp4: class from the parent folder, domain from the first one
-        scfg = job_cfg(ShardJobConfig, cfg.shard, ("source.labels=folder", "source.domain_from=prefix"))
+        scfg = _job_cfg(ShardJobConfig, cfg.shard, ("source.labels=folder", "source.domain_from=prefix"))
         shards = storage.join(root, f"shards-{digest([raw, to_dict(scfg)])[:12]}")
         shard(raw, shards, scfg)
         manifest_url = storage.join(shards, mf.MANIFEST_NAME)
@@ -265,7 +337,7 @@ def prepare_data(cfg: DataConfig, root: str) -> PreparedData:
     if cfg.curation is not None:
         curation_url = cfg.curation
     else:
-        ccfg = job_cfg(CurateConfig, cfg.curate)
+        ccfg = _job_cfg(CurateConfig, cfg.curate)
         ident = [manifest_url, m.stats.get("fingerprint") or m.created, to_dict(ccfg)]
         curation_url = storage.join(shards, f"curation-{digest(ident)[:12]}.parquet")
         if not storage.exists(curation_url):
@@ -294,16 +366,25 @@ def prepare_data(cfg: DataConfig, root: str) -> PreparedData:
         groups = set(df[df["key"].isin(held_out)]["dup_group"])
         held_out |= set(df[df["dup_group"].isin(groups)]["key"])
     exclude = frozenset(held_out) if cfg.exclude_target_keys else frozenset()
-    subsets = {}
-    for rule in cfg.subsets:
+    subsets, emb_url, emb_sha = {}, None, None
+    # plain rules first: the curation model is pretrained on one of them
+    for rule in sorted(cfg.subsets, key=lambda r: bool(r.embedding_columns)):
+        if rule.embedding_columns and emb_url is None:
+            emb_url, emb_sha = embed_stage(cfg.embed, manifest_url, shards, cur_hash, subsets, launcher)
         ident = [cur_hash, rule.to_dict()] + ([sorted(exclude)] if exclude else [])
+        ident += [emb_sha] if rule.embedding_columns else []  # another embeddings table: another subset
         url = storage.join(shards, "subsets", f"{rule.name}-{digest(ident)[:12]}.parquet")
         if storage.exists(url):
             sub = mf.read_subset(url)
         else:
-            sub = make_subset(curation_url, rule, url, exclude_keys=exclude)
+            sub = make_subset(curation_url, rule, url, exclude_keys=exclude,
+                              embeddings_url=emb_url if rule.embedding_columns else None)  # fmt: skip
         subsets[rule.name] = _subset_info(rule.name, url, df, list(sub.keys), sub.inputs_hash)
 
     return PreparedData(
-        manifest_url=manifest_url, curation_url=curation_url, subsets=subsets, targets=targets
+        manifest_url=manifest_url,
+        curation_url=curation_url,
+        targets=targets,
+        embeddings_url=emb_url,
+        subsets={r.name: subsets[r.name] for r in cfg.subsets},
     )
