@@ -108,6 +108,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "labelled_train": pre["target"]["train_size"], "test": pre["target"]["test_size"],
         "chance": pre["target"]["chance"], "pretrain_steps": pre["pretrain"]["steps"],
         "first_loss": pre["pretrain"].get("first_loss"), "final_loss": pre["pretrain"].get("final_loss"),
+        "first_loss_step": pre["pretrain"].get("first_loss_step"), "tail_loss": pre["pretrain"].get("tail_loss"),
         "pretrain_wall_s": pre["pretrain"]["wall_s"], "pretrain_overhead_s": pre["pretrain"].get("overhead_s"),
         "recon_png": pre["pretrain"].get("recon_png"), "plot": out["files"].get("summary"),
         "report": out["files"]["results.md"], "checkpoint": pre["checkpoint"],
@@ -123,11 +124,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 def summary_markdown(s: dict[str, Any]) -> str:
     """The demo's summary as Markdown (accuracies as fractions of the held-out clips)."""
     p, z = s["pretrained"], s["scratch"]
-    loss = (
-        f"loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}"
-        if s["final_loss"] is not None
-        else "no metrics"
-    )
+    if s["final_loss"] is None:
+        loss = "no metrics"
+    elif s.get("tail_loss") is None:
+        loss = f"loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}"
+    else:  # a logged loss is one step's: the last quarter's mean says where the run ended
+        loss = (f"loss {s['first_loss']:.3f} at the first log (step {s['first_loss_step']}) -> "
+                f"{s['tail_loss']:.3f} (mean of the logs of the last quarter)")  # fmt: skip
     lines = [
         "# vmae demo", "",
         f"**finetune {p['finetune.top1']:.2f} pretrained vs {z['finetune.top1']:.2f} scratch (chance "

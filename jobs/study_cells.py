@@ -35,6 +35,15 @@ def _read_done(url: str) -> dict[str, Any] | None:
     return json.loads(storage.read_bytes(url)) if storage.exists(url) else None
 
 
+def _tail_loss(recs: dict[int, dict[str, Any]]) -> float | None:
+    """Mean logged loss over the last quarter of the run's steps (a logged loss is one step's: noisy)."""
+    if not recs:
+        return None
+    last = max(recs)
+    tail = [r["loss"] for step, r in recs.items() if step > 0.75 * last]
+    return sum(tail) / len(tail)
+
+
 def pretrain_stage(pcfg: PretrainConfig, init: str, launcher: str = "train") -> dict[str, Any]:
     """Run (or find) one pretraining run and its exported model; returns its ``pretrain.json`` record
     (``checkpoint``, ``steps``, ``final_loss``, ``wall_s``, ``train_s``, ``overhead_s``, ``recon_png``)."""
@@ -68,7 +77,9 @@ def pretrain_stage(pcfg: PretrainConfig, init: str, launcher: str = "train") -> 
         images = os.path.join(logs, "images")
         pngs = sorted(os.listdir(images)) if os.path.isdir(images) else []
         info.update(steps=max(recs) if recs else 0, final_loss=last.get("loss"),
-                    first_loss=recs[min(recs)]["loss"] if recs else None, train_s=last.get("elapsed_s", 0.0),
+                    first_loss=recs[min(recs)]["loss"] if recs else None, first_loss_step=min(recs) if recs else None,
+                    tail_loss=_tail_loss(recs),
+                    train_s=last.get("elapsed_s", 0.0),
                     recon_png=os.path.join(images, pngs[-1]) if pngs else None)  # fmt: skip
     else:
         import torch
