@@ -227,11 +227,14 @@ def resolve_cell(cfg: StudyConfig, params: dict[str, Any], data: PreparedData, s
     model_section = dataclasses.replace(pcfg.model, overrides={**pcfg.model.overrides, **model})
     loader = dataclasses.replace(pcfg.loader, manifest=data.manifest_url, subset=subset.url, seed=seed)
     pcfg = dataclasses.replace(pcfg, model=model_section, loader=loader, seed=seed)
+    # the run's identity holds the *resolved* model (not how its overrides are spelled): a cell that names the
+    # recipe's own mask settings ({mask_type: tube, mask_ratio: 0.9}) shares the recipe's runs
+    resolved = dataclasses.asdict(pcfg.model.build())
     if params["init"] == "scratch":  # untrained weights depend on the model and the seed only
-        ident = {"init": "scratch", "model": to_dict(pcfg.model), "seed": seed}
+        ident = {"init": "scratch", "model": resolved, "seed": seed}
     else:
         ident = {k: v for k, v in to_dict(pcfg).items() if k not in ("name", "storage_path")}
-        ident["subset_hash"] = subset.inputs_hash
+        ident["model"], ident["subset_hash"] = resolved, subset.inputs_hash
         need = pcfg.loader.videos_per_batch * pcfg.scaling.num_workers
         if subset.size < need:
             raise ValueError(f"subset {subset.name!r} has {subset.size} samples, fewer than one global batch "

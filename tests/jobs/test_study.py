@@ -19,6 +19,7 @@ from jobs.evaluate import EvalConfig
 from jobs.study import StudyConfig, expand_grid, resolve_cell, run_study
 from jobs.study_data import PreparedData, SubsetInfo, TargetInfo, resolve_path, stratified_split
 from jobs.study_report import finding_verdicts, pick_metrics, results_frame, summarize, write_report
+from jobs.train_config import PretrainConfig
 from pipeline import manifest as mf
 from pipeline import storage
 
@@ -140,6 +141,14 @@ def test_cell_identity():
         and c2.cell_id != pre_all.cell_id
         and c2.eval_id != pre_all.eval_id
     )
+    # the recipe's own mask settings spelled out are the same run (the identity is the resolved model) ...
+    ref = cfg.pretrain  # the study's pretraining recipe
+    recipe = load_config(PretrainConfig, resolve_path(ref.config), list(ref.overrides)).model.build()
+    spelled = {**cells["all", "pretrained"], "mask_type": recipe.mask_type, "mask_ratio": recipe.mask_ratio}
+    assert run(spelled).pretrain_id == pre_all.pretrain_id
+    # ... and another ratio is another run
+    other = {**spelled, "mask_ratio": 0.5 if recipe.mask_ratio != 0.5 else 0.75}
+    assert run(other).pretrain_id != pre_all.pretrain_id
     # too small a subset for one global batch is refused before any training
     with pytest.raises(ValueError, match="fewer than one global batch"):
         resolve_cell(cfg, cells["all", "pretrained"], fake_data(cfg, size=3), 0)
