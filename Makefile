@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/python -m jobs.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not gpu" --timeout 900
+	$(BIN)/python -m pytest -q -m "not gpu" --timeout 900 --durations=30
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
