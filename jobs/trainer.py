@@ -29,6 +29,7 @@ float32 (ImageNet normalised), ``mask [B, L]`` bool (True = masked).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import shutil
@@ -572,15 +573,16 @@ def run_local(task: Task, *, run_url: str, log_dir: str, export_url: str, device
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: ``{"task": the task class, "cfg": its resolved config as a dict,
-    "log_dir": where rank 0 logs, "export_url": where rank 0 writes the finished model, "lineage": what the
-    driver recorded (``jobs.lineage.build_lineage``), "credentials": a Ray object of storage credentials}``."""
+    """Ray Train entry point. ``config``: ``{"task": the task class as "module:Class", "cfg": its resolved config
+    as a dict, "log_dir": where rank 0 logs, "export_url": where rank 0 writes the finished model, "lineage": what
+    the driver recorded (``jobs.lineage.build_lineage``), "credentials": a Ray object of storage credentials}``."""
     from jobs.config import from_dict
     from pipeline import storage
 
     if config.get("credentials") is not None:
         storage.install_credentials(ray.get(config["credentials"]))
-    task_cls = config["task"]
+    module, _, name = config["task"].partition(":")
+    task_cls = getattr(importlib.import_module(module), name)
     task = task_cls(from_dict(task_cls.config_class, config["cfg"]))
     Trainer(
         task, log_dir=config["log_dir"], export_url=config["export_url"], run_url=config.get("run_url"),

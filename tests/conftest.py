@@ -8,6 +8,11 @@ import uuid
 
 import pytest
 
+# Ray Train's controller takes each worker's report off a one-slot queue once per health-check poll (default
+# every 2 s), so a debug run that reports every step waits up to 2 s a step; the tests' runs are polled faster.
+# Set here, before any run: Ray Train forwards it from the driver to its controller, and subprocesses inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -38,7 +38,7 @@ def test_gpu_smoke_dry_run(tmp_path):
     )  # a deep compiled model with drop path: no recompile-limit hit
     assert (
         s["ray_train"]["final_step"] == 6 and s["fsdp"]["final_step"] == 6
-    )  # stopped at 3, resumed to the end
+    )  # fsdp stopped at 3, resumed to the end; ray_train's dry run is one run (DDP resume: test_pretrain.py)
     assert s["fsdp"]["export"].endswith("/final") and s["fsdp"]["export_params"] > 0  # FSDP writes an export
     assert s["loader"]["clips_per_s"] > 0
     assert run.stdout.strip().splitlines()[-1].startswith("RESULT gpu_smoke ")

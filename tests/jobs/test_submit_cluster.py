@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
@@ -62,7 +63,7 @@ class LocalCluster:
         """GET a dashboard JSON endpoint with this cluster's token."""
         token = {"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
         with urllib.request.urlopen(
-            urllib.request.Request(self.address + endpoint, headers=token), timeout=5
+            urllib.request.Request(self.address + endpoint, headers=token), timeout=30
         ) as r:
             return json.loads(r.read())
 
@@ -150,6 +151,10 @@ def local_cluster() -> Iterator[LocalCluster]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = BIN + os.pathsep + env.get("PATH", "")  # the entrypoint's `python` is this venv's
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # a SIGKILLed node is declared dead after 3 failed 1 s health checks (Ray's default: 5 of 3 s); SIGTERM stops
+    # a node at once (by default the head first drains for up to 30 s, past _stop's 15 s wait, then is SIGKILLed)
+    env.update({"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})  # fmt: skip
     # Token auth on (Ray's default for new clusters), with a token of our own: ~/.ray/auth_token is shared
     # with every other Ray on this machine; the vmae client must send the token too.
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)})
@@ -311,8 +316,19 @@ def test_elastic_pretraining_survives_losing_a_node(local_cluster, tmp_path):
     shards = str(tmp_path / "shards")
     make_shard_set(shards, n_videos=32, n_shards=4, frames=16, width=64, height=48, pattern="moving")
     run, keys = tmp_path / "runs" / "elastic", tmp_path / "keys"
+    # Pacing: Ray Train's controller takes one report (= one step here) per health-check poll, set to 1 s: after
+    # the kill (at step ~4-6) the 1-worker run has >= (40 - 6) * 8 / 4 = 68 steps = >= 68 s left to outlast the
+    # node's restart, rejoin and the resize (~10-30 s); tests/conftest.py's faster poll would not leave it that.
+    # A 2-worker placement group asked for while the dead node still looks alive gives up after 10 s (Ray Train's
+    # default: 60 s), then the controller retries with what it sees.
+    env = [
+        "--env",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=1",
+        "--env",
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=10",
+    ]
     started = local_cluster.vmae(
-        "submit", "--no-wait", "--", "pretrain", "--config", "configs/pretrain/debug.yaml",
+        "submit", "--no-wait", *env, "--", "pretrain", "--config", "configs/pretrain/debug.yaml",
         f"loader.manifest={shards}/manifest.json", f"storage_path={tmp_path / 'runs'}", "name=elastic",
         "schedule.total_steps=40", "checkpoint.every_steps=2", "metrics.image_every=0", "scaling.min_workers=1",
         "scaling.elastic_resize_monitor_interval_s=5", "failure.max_failures=5", f"fault.keys_log={keys}",
@@ -327,7 +343,11 @@ def test_elastic_pretraining_survives_losing_a_node(local_cluster, tmp_path):
             recs = read_metrics(str(metrics)) if metrics.exists() else {}
             if ok(recs):
                 return recs
-            status = local_cluster.get(f"/api/jobs/{job_id}")["status"]
+            try:
+                status = local_cluster.get(f"/api/jobs/{job_id}")["status"]
+            except (TimeoutError, urllib.error.URLError):  # a dashboard slow under load: no word on the job
+                time.sleep(0.5)
+                continue
             assert status in ("PENDING", "RUNNING"), (
                 what,
                 status,
