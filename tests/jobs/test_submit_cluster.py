@@ -59,8 +59,21 @@ class LocalCluster:
     procs: list[subprocess.Popen]
     env: dict[str, str]
 
-    def get(self, endpoint: str) -> dict:
-        """GET a dashboard JSON endpoint with this cluster's token."""
+    def get(self, endpoint: str, attempts: int = 3) -> dict:
+        """GET a dashboard JSON endpoint with this cluster's token. A request that times out (a dashboard slow
+        under load says nothing of the jobs) is asked again, up to ``attempts`` times in all; any other error,
+        e.g. a refused connection while the head starts, is raised at once."""
+        for _ in range(attempts - 1):
+            try:
+                return self._get_once(endpoint)
+            except (TimeoutError, urllib.error.URLError) as e:
+                if not isinstance(e, TimeoutError) and not isinstance(
+                    getattr(e, "reason", None), TimeoutError
+                ):
+                    raise
+        return self._get_once(endpoint)
+
+    def _get_once(self, endpoint: str) -> dict:
         token = {"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
         with urllib.request.urlopen(
             urllib.request.Request(self.address + endpoint, headers=token), timeout=30
@@ -343,11 +356,7 @@ def test_elastic_pretraining_survives_losing_a_node(local_cluster, tmp_path):
             recs = read_metrics(str(metrics)) if metrics.exists() else {}
             if ok(recs):
                 return recs
-            try:
-                status = local_cluster.get(f"/api/jobs/{job_id}")["status"]
-            except (TimeoutError, urllib.error.URLError):  # a dashboard slow under load: no word on the job
-                time.sleep(0.5)
-                continue
+            status = local_cluster.get(f"/api/jobs/{job_id}")["status"]
             assert status in ("PENDING", "RUNNING"), (
                 what,
                 status,
