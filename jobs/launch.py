@@ -4,7 +4,7 @@ run it (``vmae pretrain`` and ``vmae finetune`` both go through :func:`fit`).
 Wiring: workers (gloo on CPU, NCCL on GPU), elastic ``ScalingConfig(num_workers=(min, max))``,
 ``FailureConfig`` (worker failures and node preemptions are retried from the latest checkpoint),
 ``CheckpointConfig(num_to_keep=K)``, storage on a local folder or S3. Every worker runs
-``jobs.trainer.train_loop_per_worker`` with the task class.
+``jobs.trainer.train_loop_per_worker`` with the task class's name.
 
 Resume: Ray Train V2 dropped ``resume_from_checkpoint=``; a run started again with the same ``name`` and
 ``storage_path`` restores its checkpoint list from the run directory and hands the latest checkpoint to the
@@ -197,7 +197,9 @@ def fit(cfg: TrainConfig, task_cls: Any, *, resume: bool = False) -> Any:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.lineage import build_lineage
-    from jobs.trainer import train_loop_per_worker
+    from jobs.trainer import task_name, train_loop_per_worker
+
+    task = task_name(task_cls)  # before anything is written or started: a task the workers cannot import
 
     storage.check_bucket(cfg.storage_path)
     check_run_dir(cfg, resume=resume)
@@ -248,7 +250,6 @@ def fit(cfg: TrainConfig, task_cls: Any, *, resume: bool = False) -> Any:
     )
     # the task goes by name: Ray Train's controller unpickles this config too, and the class would make it import
     # the task's module (timm, torchvision, the model, the loader: ~3 s of CPU per run on 2 cores) for nothing
-    task = f"{task_cls.__module__}:{task_cls.__qualname__}"
     loop_config = {"task": task, "cfg": to_dict(cfg), "log_dir": log_dir, "export_url": export_url(cfg),
                    "run_url": run_url, "lineage": build_lineage(cfg),
                    "credentials": ray.put(creds) if creds else None}  # fmt: skip

@@ -572,6 +572,21 @@ def run_local(task: Task, *, run_url: str, log_dir: str, export_url: str, device
     ).fit()
 
 
+def task_name(task_cls: type) -> str:
+    """``"module:Class"`` for a module-level task class, the form :func:`train_loop_per_worker` imports it by
+    (a class defined inside a function has no such name: refused here, on the driver, not on every worker)."""
+    name = f"{task_cls.__module__}:{task_cls.__qualname__}"
+    if task_class(name) is not task_cls:
+        raise ValueError(f"task {task_cls!r} is not importable as {name!r}: define it at module level")
+    return name
+
+
+def task_class(name: str) -> type | None:
+    """The task class named ``"module:Class"`` (:func:`task_name`'s inverse); ``None`` if there is no such name."""
+    module, _, attr = name.partition(":")
+    return getattr(importlib.import_module(module), attr, None)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``{"task": the task class as "module:Class", "cfg": its resolved config
     as a dict, "log_dir": where rank 0 logs, "export_url": where rank 0 writes the finished model, "lineage": what
@@ -581,8 +596,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     if config.get("credentials") is not None:
         storage.install_credentials(ray.get(config["credentials"]))
-    module, _, name = config["task"].partition(":")
-    task_cls = getattr(importlib.import_module(module), name)
+    task_cls = task_class(config["task"])
     task = task_cls(from_dict(task_cls.config_class, config["cfg"]))
     Trainer(
         task, log_dir=config["log_dir"], export_url=config["export_url"], run_url=config.get("run_url"),

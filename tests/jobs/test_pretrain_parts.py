@@ -319,3 +319,21 @@ def test_gpu_peak_flops_by_the_longest_matching_name():
     assert peak_flops_for("NVIDIA H200") == 989e12
     assert peak_flops_for("NVIDIA L40S") == 362e12 and peak_flops_for("NVIDIA L4") == 121e12
     assert peak_flops_for("Tesla T4") is None
+
+
+def test_tasks_reach_ray_train_by_a_name_the_workers_import():
+    from jobs.finetune import FinetuneTask
+    from jobs.pretrain import PretrainTask
+    from jobs.trainer import task_class, task_name
+
+    for cls in (PretrainTask, FinetuneTask):
+        name = task_name(cls)
+        assert ":" in name and task_class(name) is cls  # what train_loop_per_worker gets back from the name
+
+    class Local(PretrainTask):  # a class inside a function has no importable name
+        pass
+
+    with pytest.raises(
+        ValueError, match=r"is not importable as '\S+<locals>\.Local': define it at module level"
+    ):
+        task_name(Local)
