@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline.semantic import SemanticConfig, semantic_columns, unit_vectors
+from pipeline.semantic import SemanticConfig, duplicate_groups, unit_vectors
 from pipeline.subset import SubsetRule, select
 
 DEFECTS = ("black", "dark", "static", "blur", "duplicate", "near_duplicate")
@@ -64,12 +64,12 @@ def main(cache: str) -> dict:
     out = {"pool": {"clips": len(pool), **collections.Counter(defect[k] for k in pool)}, "copies": copies,
            "clean_nearest_other_clean_cos_median": round(float(np.median(nearest)), 4), "thresholds": {}}  # fmt: skip
     for thr in (0.98, 0.99, 0.995, 0.999):
-        cols, _ = semantic_columns(vectors, SemanticConfig(dup_threshold=thr))
-        table = curation.merge(
-            emb[["key", "recon_loss"]].assign(sem_group=cols["sem_group"], cluster=cols["cluster"]), on="key"
-        )
+        groups = duplicate_groups(
+            u.astype(np.float32), SemanticConfig(dup_threshold=thr)
+        )  # as `vmae embed` does
+        table = curation.merge(emb[["key", "recon_loss"]].assign(sem_group=groups), on="key")
         rows = {"clean_with_a_neighbour_at_or_above": round(float((nearest >= thr).mean()), 3),
-                "largest_group": int(np.bincount(cols["sem_group"]).max())}  # fmt: skip
+                "largest_group": int(np.bincount(groups).max())}  # fmt: skip
         for name, rule in (("semantic_dedup", SubsetRule(name="s", semantic_dedup=True)),
                            ("model_curated", SubsetRule(name="m", semantic_dedup=True, min_recon_pct=25))):  # fmt: skip
             keys = select(table, rule, held_out)
