@@ -2,7 +2,7 @@
 
 Why: ``vmae curate`` decodes only ``num_frames`` evenly spaced frames per video, and finds duplicates by
 perceptual hash rather than by file hash. This measures what each choice buys and costs, on the same
-synthetic clips (``pipeline.synth``: all domains and motions, one ``static`` defect in four, and for one
+synthetic clips (``pipeline.curation.synth``: all domains and motions, one ``static`` defect in four, and for one
 clip in three an exact re-encode (crf 19) and a near-duplicate (noise + brightness) added):
 
 * metrics, ``sampled``: ``read_frames(data, 8)`` + ``video_metrics`` (what curation does) vs
@@ -31,9 +31,9 @@ import torch
 from common import machine
 from tqdm import tqdm
 
-from pipeline.encode import encode_mp4
-from pipeline.quality import QualityConfig, duplicate_groups, read_frames, video_metrics
-from pipeline.synth import DOMAINS, MOTIONS, render_clip
+from pipeline.curation.quality import QualityConfig, duplicate_groups, read_frames, video_metrics
+from pipeline.curation.synth import DOMAINS, MOTIONS, render_clip
+from pipeline.ingest.encode import encode_mp4
 
 NAME = "curate_metrics"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{NAME}.json")

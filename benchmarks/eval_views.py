@@ -1,6 +1,6 @@
 """Multi-view test cost, side by side in one process: one decode per video vs one decode per temporal clip.
 
-Why: ``pipeline.views.video_views`` asks the decoder once for the union of every clip's frames and cuts all
+Why: ``pipeline.loader.views.video_views`` asks the decoder once for the union of every clip's frames and cuts all
 ``clips x crops`` views from it; the straightforward alternative decodes each temporal clip separately (as a
 per-clip dataset would). Both produce identical views; this measures what decoding once buys for the 2x3
 (SSv2) and 5x3 (Kinetics) protocols, and the whole per-video cost (views + tiny-model forward).
@@ -26,10 +26,10 @@ import torch
 from common import machine
 
 from model import VideoMAEClassifier, get_config
-from pipeline.decode import read_clip_frames
-from pipeline.encode import encode_mp4
-from pipeline.synth import render_clip
-from pipeline.views import ViewSpec, clip_frame_indices, video_views, views_from_frames
+from pipeline.curation.synth import render_clip
+from pipeline.ingest.encode import encode_mp4
+from pipeline.loader.decode import read_clip_frames
+from pipeline.loader.views import ViewSpec, clip_frame_indices, video_views, views_from_frames
 
 NAME = "eval_views"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{NAME}.json")

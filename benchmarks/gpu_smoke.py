@@ -69,7 +69,7 @@ def _pretrain_model(dev: str, dry: bool):
 
 
 def _batch(cfg, batch: int, dev: str):
-    from pipeline.masking import tube_mask
+    from pipeline.loader.masking import tube_mask
 
     g = torch.Generator().manual_seed(0)
     video = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size, generator=g).to(dev)
@@ -79,7 +79,7 @@ def _batch(cfg, batch: int, dev: str):
 def section_model_step(dev: str, dry: bool) -> dict:
     import torch._dynamo
 
-    from jobs.metrics import device_peak_flops
+    from jobs.train.metrics import device_peak_flops
     from model.flops import pretrain_train_flops
     from model.parallelize import parallelize
 
@@ -154,7 +154,7 @@ def section_finetune_compile(dev: str, dry: bool) -> dict:
 def section_host_syncs(dev: str, dry: bool) -> dict:
     if dev != "cuda":
         return {"skipped": "no CUDA: set_sync_debug_mode needs a GPU"}
-    from jobs.optim import OptimConfig, build_optimizer
+    from jobs.train.optim import OptimConfig, build_optimizer
 
     cfg, model = _pretrain_model(dev, dry)
     opt = build_optimizer(model, OptimConfig(), lr=1e-4)
@@ -183,8 +183,8 @@ def section_host_syncs(dev: str, dry: bool) -> dict:
 
 def _shards(root: str, dry: bool) -> str:
     from jobs.config import load_config
-    from jobs.shard import ShardJobConfig, shard
-    from pipeline.synth import SynthConfig, synthesize
+    from jobs.data.shard import ShardJobConfig, shard
+    from pipeline.curation.synth import SynthConfig, synthesize
 
     size = 32 if dry else 128
     synthesize(SynthConfig(domains=("shapes", "textures"), classes=("left", "up", "rotate_cw", "zoom_in"),
@@ -200,9 +200,9 @@ def _train(manifest: str, runs: str, dry: bool, extra: list[str], resume_at: int
     """A pretraining run through Ray Train: stopped at ``resume_at`` and continued with ``--resume`` (``None``:
     one uninterrupted run); the section's reading."""
     from jobs.config import load_config
-    from jobs.metrics import read_metrics
-    from jobs.pretrain import fit
-    from jobs.train_config import PretrainConfig
+    from jobs.train.config import PretrainConfig
+    from jobs.train.metrics import read_metrics
+    from jobs.train.pretrain import fit
 
     base = ["schedule.total_steps=30", "schedule.warmup_steps=3", "checkpoint.every_steps=10", "metrics.log_every=5",
             "metrics.image_every=0", f"loader.manifest={manifest}", f"storage_path={runs}", "scaling.num_workers=1"]  # fmt: skip
@@ -222,7 +222,7 @@ def _train(manifest: str, runs: str, dry: bool, extra: list[str], resume_at: int
     cfg = load_config(PretrainConfig, str(ROOT / config), over)
     recs = read_metrics(os.path.join(runs, cfg.name, "logs", "metrics.jsonl"))
     last = recs[max(recs)]
-    from jobs.checkpointing import load_any_checkpoint
+    from jobs.train.checkpointing import load_any_checkpoint
 
     exported, meta = load_any_checkpoint(os.path.join(runs, cfg.name))  # FSDP too: the run's final/ export
     return {"wall_s": time.perf_counter() - t0, "final_step": int(resumed.metrics["step"]), "steps_logged": sorted(recs),
@@ -233,7 +233,7 @@ def _train(manifest: str, runs: str, dry: bool, extra: list[str], resume_at: int
 
 def section_ray_train(dev: str, dry: bool, root: str) -> dict:
     # --dry-run: one uninterrupted run (a Ray Train start-up less for CI); the fsdp section's dry run still stops
-    # and resumes through the same _train, and tests/jobs/test_pretrain.py covers DDP stop + resume on the CPU
+    # and resumes through the same _train, and tests/jobs/train/test_pretrain.py covers DDP stop + resume on the CPU
     return _train(_shards(root, dry), f"{root}/runs", dry, ["name=smoke"], resume_at=None if dry else 15)
 
 
@@ -248,7 +248,7 @@ def section_fsdp(dev: str, dry: bool, root: str) -> dict:
 
 def section_loader(dev: str, dry: bool, root: str, gpu_clips_per_s: float | None) -> dict:
     from model.config import get_config
-    from pipeline.loader import LoaderConfig, make_loader
+    from pipeline.loader.loader import LoaderConfig, make_loader
 
     workers = 1 if dry else min(14, max(1, (os.cpu_count() or 2) - 2))
     spec = (get_config("tiny", num_frames=8) if dry else get_config("vit_s", img_size=112)).clip_spec()

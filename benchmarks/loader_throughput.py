@@ -9,11 +9,11 @@ see the same machine load, with the same clip spec (16 frames, stride 4, multi-s
   uploads), the official sampler, crop and normalise on the CPU (float32), one clip.
 * ``today``: the loader as it was before issue 12, on shards of its encoder settings (``TODAY_SHARDS``): decord
   ``get_batch``, crop + normalise to float32 per clip, float collate.
-* ``new R=1/2/4``: ``pipeline.loader`` with its defaults on shards of the default ``TranscodeConfig``: the
+* ``new R=1/2/4``: ``pipeline.loader.loader`` with its defaults on shards of the default ``TranscodeConfig``: the
   ``auto`` decode backend, uint8 clips (normalised later on the training device), ``num_sample`` R clips per
   decode. ``backend=...`` rows (full run) change only the decode backend.
 
-Then the shard encoder settings (``pipeline.encode.encode_mp4`` with the transcoder's rate control on the same
+Then the shard encoder settings (``pipeline.ingest.encode.encode_mp4`` with the transcoder's rate control on the same
 320p / 256p frames): bytes per video and decode + crop cost per clip, relative to today's settings; and the loader's RSS over >= 2000 clips (PyAV's
 frame iteration is known to leak in data loaders). Rates are clips per CPU-second of this process (= clips/s on
 one core); ratios are medians over rounds of the per-round ratios. The machine's load average is recorded
@@ -42,14 +42,14 @@ from common import machine, source_frames
 
 from model.config import get_config
 from pipeline import storage
-from pipeline.clips import make_clips, sample_frame_indices, sample_generator
-from pipeline.decode import AUTO_ORDER, backend_error, parse_label, read_clip_frames, stream_in_order
-from pipeline.encode import encode_mp4
-from pipeline.loader import LoaderConfig, load_shards, make_loader
-from pipeline.manifest import INDEX_NAME, Manifest, ShardInfo, write_manifest, write_table_atomic
-from pipeline.masking import clip_masks
-from pipeline.transcode import TranscodeConfig, transcode
-from pipeline.transforms import apply_crop, sample_crop
+from pipeline.ingest.encode import encode_mp4
+from pipeline.ingest.manifest import INDEX_NAME, Manifest, ShardInfo, write_manifest, write_table_atomic
+from pipeline.ingest.transcode import TranscodeConfig, transcode
+from pipeline.loader.clips import make_clips, sample_frame_indices, sample_generator
+from pipeline.loader.decode import AUTO_ORDER, backend_error, parse_label, read_clip_frames, stream_in_order
+from pipeline.loader.loader import LoaderConfig, load_shards, make_loader
+from pipeline.loader.masking import clip_masks
+from pipeline.loader.transforms import apply_crop, sample_crop
 
 NAME = "loader_throughput"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{NAME}.json")

@@ -32,7 +32,7 @@ from common import machine  # noqa: E402
 from model import VideoMAE, get_config  # noqa: E402
 from model.flops import pretrain_train_flops  # noqa: E402
 from model.parallelize import parallelize  # noqa: E402
-from pipeline.masking import tube_mask  # noqa: E402
+from pipeline.loader.masking import tube_mask  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -46,13 +46,13 @@ def _sync(device: str) -> None:
 def peak_flops(device: str, dtype: str, *, size: int = 2048, reps: int = 3) -> tuple[float, str]:
     """Peak FLOP/s: GPU table entry, or the best of ``reps`` ``size^3`` matmuls measured now on CPU."""
     if device == "cuda":
-        from jobs.metrics import GPU_PEAK_FLOPS, peak_flops_for
+        from jobs.train.metrics import GPU_PEAK_FLOPS, peak_flops_for
 
         name = torch.cuda.get_device_name()
         peak = peak_flops_for(name)
         if peak is None:
             raise ValueError(f"no peak FLOP/s entry for GPU {name!r}; known: {sorted(GPU_PEAK_FLOPS)}")
-        return peak, f"table (jobs.metrics): {name} dense bf16"
+        return peak, f"table (jobs.train.metrics): {name} dense bf16"
     a = torch.randn(size, size, dtype=DTYPES[dtype])
     b = torch.randn(size, size, dtype=DTYPES[dtype])
     best = float("inf")

@@ -1,13 +1,13 @@
 """Pretraining throughput: clips/s and MFU vs number of data-parallel workers (1 vs 2), side by side.
 
 CPU path (default): DDP over gloo with ``torch.multiprocessing`` processes, one torch thread each, the same
-model / optimizer / mask code as ``jobs.trainer`` on random clips (so the number isolates compute and
+model / optimizer / mask code as ``jobs.train.trainer`` on random clips (so the number isolates compute and
 gradient all-reduce; data loading is measured by ``benchmarks/loader_throughput.py``). Per-worker batch is
 fixed, as in the resize policy: 2 workers should give ~2x clips/s on 2 cores (weak scaling). MFU's
-denominator is the measured single-thread fp32 GEMM peak (``jobs.metrics.measure_cpu_peak_flops``) per worker.
+denominator is the measured single-thread fp32 GEMM peak (``jobs.train.metrics.measure_cpu_peak_flops``) per worker.
 Ray Train is not in the timed path: its start-up (tens of seconds) would not fit the quick mode.
 
-GPU path (``--gpu --manifest URL``; not run on the CI machine): the real job, ``jobs.pretrain.fit`` with
+GPU path (``--gpu --manifest URL``; not run on the CI machine): the real job, ``jobs.train.pretrain.fit`` with
 ``configs/pretrain/vit_b.yaml`` (16x224x224, tube mask 0.9, bf16 autocast, real shard loader) on 1 and
 ``--gpus`` workers for ``--steps`` steps; reports the medians of the per-step metrics rank 0 logs: clips/s,
 MFU (against the bf16 data-sheet peak), peak memory and data-wait fraction.
@@ -38,10 +38,10 @@ def _worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
     """One DDP worker: ``spec['steps']`` timed optimizer steps after ``spec['warmup']``; rank 0 writes times."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from jobs.metrics import measure_cpu_peak_flops
-    from jobs.optim import OptimConfig, build_optimizer
+    from jobs.train.metrics import measure_cpu_peak_flops
+    from jobs.train.optim import OptimConfig, build_optimizer
     from model import VideoMAE, get_config
-    from pipeline.masking import tube_mask
+    from pipeline.loader.masking import tube_mask
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -101,10 +101,10 @@ def run_cpu(model_kw: dict, *, batch: int, steps: int, warmup: int, workers: int
 def run_gpu(manifest: str, *, gpus: int, steps: int) -> list[dict]:
     """The real job on GPUs (vit_b recipe); medians over steps after the first 5."""
     from jobs.config import load_config
-    from jobs.launch import local_log_dir
-    from jobs.metrics import read_metrics
-    from jobs.pretrain import fit
-    from jobs.train_config import PretrainConfig
+    from jobs.train.config import PretrainConfig
+    from jobs.train.launch import local_log_dir
+    from jobs.train.metrics import read_metrics
+    from jobs.train.pretrain import fit
 
     rows = []
     for n in sorted({1, gpus}):

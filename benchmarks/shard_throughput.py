@@ -1,10 +1,10 @@
 """Videos/s of the shard job vs PyAV called directly for the same transcodes, and its scaling with workers.
 
 Why: the job adds listing, hashing, a work cache, Ray scheduling, tar packing, an index and a manifest
-around ``pipeline.transcode.transcode_file``; this measures what that costs. In one run, on the same cores:
+around ``pipeline.ingest.transcode.transcode_file``; this measures what that costs. In one run, on the same cores:
 
 * ``pyav``: a ``multiprocessing`` pool (spawn, warmed up) mapping ``transcode_file`` over the sources.
-* ``job``: ``jobs.shard.shard`` on a warmed-up local Ray cluster (2 CPUs), end to end into a fresh folder.
+* ``job``: ``jobs.data.shard.shard`` on a warmed-up local Ray cluster (2 CPUs), end to end into a fresh folder.
   One worker = ``ray.task_cpus=2`` on the same cluster (one task at a time); two workers = ``task_cpus=1``.
 
 Reported: videos/s of each with 1 and 2 workers (best of interleaved rounds), ``job_vs_pyav`` (goal >= 0.9)
@@ -27,8 +27,8 @@ import time
 
 from common import machine, source_frames
 
-from pipeline.encode import encode_mp4
-from pipeline.transcode import TranscodeConfig, transcode_file
+from pipeline.ingest.encode import encode_mp4
+from pipeline.ingest.transcode import TranscodeConfig, transcode_file
 
 NAME = "shard_throughput"
 WARM = ["shards.max_samples=1"]  # warm-up job: 4 videos, 4 shards, so both workers also import the tar writer
@@ -74,7 +74,7 @@ def run_pyav(paths: list[str], cfg: TranscodeConfig, workers: int, tmp: str) -> 
 def run_job(src: str, overrides: list[str], tmp: str) -> tuple[float, dict]:
     """Videos/s of the whole shard job (listing to manifest) on the running Ray cluster."""
     from jobs.config import load_config
-    from jobs.shard import ShardJobConfig, shard
+    from jobs.data.shard import ShardJobConfig, shard
 
     cfg = load_config(ShardJobConfig, None, overrides)
     out = tempfile.mkdtemp(dir=tmp)

@@ -12,24 +12,30 @@ import sys
 
 # name -> (module, one-line help). Order is the order of the workflow.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("jobs.synth_cmd", "generate a labelled synthetic multi-domain video set into a folder/bucket"),
-    "shard": ("jobs.shard", "raw videos -> transcoded WebDataset shards + index + manifest (Ray job)"),
+    "synth": ("jobs.data.synth", "generate a labelled synthetic multi-domain video set into a folder/bucket"),
+    "shard": ("jobs.data.shard", "raw videos -> transcoded WebDataset shards + index + manifest (Ray job)"),
     "curate": (
-        "jobs.curate",
+        "jobs.data.curate",
         "per-sample quality/domain metrics over a shard set -> curation.parquet (Ray job)",
     ),
-    "embed": ("jobs.embed", "a checkpoint's embeddings, learnability and semantic groups per clip (Ray job)"),
-    "subset": ("jobs.subset_cmd", "select a subset of a curated shard set -> subset manifest (no copies)"),
-    "pretrain": ("jobs.pretrain", "VideoMAE pretraining with Ray Train (fault tolerant, elastic)"),
-    "finetune": ("jobs.finetune", "supervised finetuning from a pretrained checkpoint with Ray Train"),
-    "eval": ("jobs.evaluate", "top-1/top-5 multi-view eval, linear probe and kNN on frozen features"),
-    "study": ("jobs.study", "grid of pretrain -> evaluate over subsets; table and plots"),
+    "embed": (
+        "jobs.data.embed",
+        "a checkpoint's embeddings, learnability and semantic groups per clip (Ray job)",
+    ),
+    "subset": ("jobs.data.subset", "select a subset of a curated shard set -> subset manifest (no copies)"),
+    "pretrain": ("jobs.train.pretrain", "VideoMAE pretraining with Ray Train (fault tolerant, elastic)"),
+    "finetune": ("jobs.train.finetune", "supervised finetuning from a pretrained checkpoint with Ray Train"),
+    "eval": ("jobs.eval.eval", "top-1/top-5 multi-view eval, linear probe and kNN on frozen features"),
+    "study": ("jobs.study.study", "grid of pretrain -> evaluate over subsets; table and plots"),
     "submit": ("jobs.submit", "submit any vmae subcommand to a Ray cluster as a Ray job"),
     "status": ("jobs.submit", "status of a submitted Ray job"),
     "logs": ("jobs.submit", "logs of a submitted Ray job"),
     "stop": ("jobs.submit", "stop a submitted Ray job"),
-    "model-info": ("jobs.model_info", "parameter count and FLOPs per clip of a model config"),
-    "export": ("jobs.export", "convert a checkpoint to the vmae, Hugging Face or official VideoMAE format"),
+    "model-info": ("jobs.eval.model_info", "parameter count and FLOPs per clip of a model config"),
+    "export": (
+        "jobs.eval.export",
+        "convert a checkpoint to the vmae, Hugging Face or official VideoMAE format",
+    ),
 }
 
 

@@ -8,7 +8,7 @@ subset and a labelled split (8 clips per domain x class to finetune on, 50 to te
 the same held-out clips (finetuned accuracy, linear probe and kNN on frozen features) -> ``demo_out/summary.md``
 (printed too), with chance, the reconstruction PNG and a plot.
 
-It runs as a one-seed study (``jobs.study``: the same stages the ``vmae`` commands run, on one local Ray
+It runs as a one-seed study (``jobs.study.study``: the same stages the ``vmae`` commands run, on one local Ray
 instance, pretraining and the scratch finetune side by side on the two cores), and every stage is skipped
 when its output is already there for the same config, so a rerun is quick and an interrupted demo continues
 where it stopped. Settings are the embedded :class:`DemoConfig`; override any field with ``key=value``
@@ -24,11 +24,11 @@ import time
 from typing import Any
 
 from jobs.config import apply_overrides, from_dict, to_dict
-from jobs.study import FindingSpec, GridConfig, ReportConfig, RunnerSection, StudyConfig, run_study
-from jobs.study_data import DataConfig, JobRef, TargetSpec
+from jobs.study.data import DataConfig, JobRef, TargetSpec
+from jobs.study.study import FindingSpec, GridConfig, ReportConfig, RunnerSection, StudyConfig, run_study
 from pipeline import storage
-from pipeline.subset import SubsetRule
-from pipeline.synth import DefectFractions, SynthConfig
+from pipeline.curation.subset import SubsetRule
+from pipeline.curation.synth import DefectFractions, SynthConfig
 
 CLEAN = SubsetRule(name="clean", exclude_flags=("static", "dark", "black"), dedup=True)
 METRICS = ("finetune.top1", "linear_probe.top1", "knn.top1")

@@ -1,6 +1,6 @@
 """VideoMAE model package: config, model, FLOPs, checkpoint interop (no ray / torch.distributed here;
 ``model.parallelize`` is the one exception and is not imported by default). Masks are drawn on the data side
-(``pipeline.masking``); the model consumes them. Imports run one way: ``model`` may use ``pipeline``, never the
+(``pipeline.loader.masking``); the model consumes them. Imports run one way: ``model`` may use ``pipeline``, never the
 reverse."""
 
 from model.checkpoint import load_checkpoint, save_checkpoint

@@ -70,7 +70,7 @@ def save_checkpoint(model: nn.Module, url: str, *, format: str = "vmae", lineage
     complete checkpoint. An official pretraining file of an ``encoder_norm=False`` model has no
     ``encoder.norm`` (the official finetuning loads it; the official pretraining class would not).
 
-    ``lineage`` (JSON-able, ``jobs.lineage``) is stored with the weights: ``vmae.json``'s ``lineage``, the HF
+    ``lineage`` (JSON-able, ``jobs.train.lineage``) is stored with the weights: ``vmae.json``'s ``lineage``, the HF
     ``config.json``'s ``vmae_lineage`` (transformers keeps unknown keys), the ``.pth``'s ``vmae_lineage`` (a
     JSON string, so ``weights_only`` loading reads it); :func:`read_lineage` gets it back."""
     if format not in FORMATS:

@@ -7,7 +7,7 @@ the one home of the clip geometry and the mask settings: the loader gets them as
 Variants of the checkpoints users download are fields with the official names, not classes: ``qkv_bias``,
 ``use_mean_pooling`` (classifier pooling), ``encoder_norm`` (the pretraining encoder's final LayerNorm, absent from
 Hugging Face ``use_mean_pooling=True`` pretraining models) and VideoMAE V2's dual masking
-(``decoder_mask_type``/``decoder_mask_ratio``, masks drawn by ``pipeline.decoder_masking``).
+(``decoder_mask_type``/``decoder_mask_ratio``, masks drawn by ``pipeline.loader.decoder_masking``).
 
 Token grid: a clip ``[C, T, H, W]`` becomes ``T' x H' x W'`` tubelets with ``T' = T / tubelet_size`` and
 ``H' = H / patch_size`` (same for W); tokens are ordered ``(t, h, w)`` as in the official implementation.
@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from pipeline.decoder_masking import check_decoder_mask, num_decoder_kept
-from pipeline.masking import MASK_TYPES, ClipSpec, num_masked
+from pipeline.loader.decoder_masking import check_decoder_mask, num_decoder_kept
+from pipeline.loader.masking import MASK_TYPES, ClipSpec, num_masked
 
 CLASSIFIER_POOLS = ("mean", "time")
 
@@ -60,7 +60,7 @@ class VideoMAEConfig:
     # pretraining model: the encoder ends in a LayerNorm (official); HF use_mean_pooling=true pretraining has none
     encoder_norm: bool = True
     # VideoMAE V2 dual masking: "run_cell" decoders reconstruct only the tokens a data-side decoder mask keeps
-    # (pipeline.decoder_masking); "none" reconstructs every masked token (VideoMAE)
+    # (pipeline.loader.decoder_masking); "none" reconstructs every masked token (VideoMAE)
     decoder_mask_type: str = "none"
     decoder_mask_ratio: float = 0.0
 
@@ -221,7 +221,7 @@ def vit_h(**overrides) -> VideoMAEConfig:
 def vit_g(**overrides) -> VideoMAEConfig:
     """ViT-g/14 (VideoMAE V2 ``pretrain_videomae_giant_patch14_224``): patch 14, width 1408, depth 40, 16 heads,
     MLP ratio 48/11 (hidden 6144); decoder 4 x 512, 8 heads. V2 pretrains it with ``decoder_mask_type="run_cell"``,
-    ``decoder_mask_ratio=0.5``, which needs the loader to draw decoder masks (``pipeline.decoder_masking``)."""
+    ``decoder_mask_ratio=0.5``, which needs the loader to draw decoder masks (``pipeline.loader.decoder_masking``)."""
     defaults = dict(
         patch_size=14,
         encoder_width=1408,

@@ -18,8 +18,8 @@ import torch
 
 from model.config import VideoMAEConfig
 from model.videomae import VideoMAE, VideoMAEClassifier
-from pipeline.decoder_masking import num_decoder_kept
-from pipeline.masking import num_masked
+from pipeline.loader.decoder_masking import num_decoder_kept
+from pipeline.loader.masking import num_masked
 
 
 def block_flops(num_tokens: int, width: int, mlp_hidden: int) -> int:

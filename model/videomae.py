@@ -20,7 +20,7 @@ from torch import nn
 
 from model.config import VideoMAEConfig
 from model.layers import LN_EPS, PatchEmbed, make_blocks, sinusoid_table
-from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.loader.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def patchify(video_BCTHW: torch.Tensor, *, patch_size: int, tubelet_size: int) -> torch.Tensor:
@@ -255,7 +255,7 @@ class VideoMAE(nn.Module):
         """Returns ``(loss, pred)``: scalar MSE (float32) and predictions ``[B, K, P]`` in token order.
 
         Without ``decoder_mask`` the decoder reconstructs every masked token (``K = M``). With one (VideoMAE V2,
-        ``pipeline.decoder_masking``) it runs on the visible tokens plus mask tokens at the ``K`` positions the
+        ``pipeline.loader.decoder_masking``) it runs on the visible tokens plus mask tokens at the ``K`` positions the
         decoder mask keeps, and the loss is the mean over those kept positions the encoder did not see."""
         _check_video(self.cfg, video_BCTHW)
         B = video_BCTHW.shape[0]

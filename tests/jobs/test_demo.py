@@ -11,7 +11,7 @@ import pytest
 
 from jobs.config import apply_overrides, from_dict, to_dict
 from jobs.demo import DemoConfig, main, run_demo
-from pipeline import manifest as mf
+from pipeline.ingest import manifest as mf
 
 SMALL = [
     "videos_per_group=10", "train_per_group=2", "test_per_group=3", "synth.domains=[shapes, textures]",

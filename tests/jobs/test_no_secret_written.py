@@ -34,8 +34,8 @@ def test_planted_credentials_reach_no_file(s3_bucket, tmp_path, monkeypatch):
 
     from jobs.cli import main
     from jobs.config import load_config
-    from jobs.launch import local_log_dir
-    from jobs.train_config import PretrainConfig
+    from jobs.train.config import PretrainConfig
+    from jobs.train.launch import local_log_dir
 
     key, secret = f"AKIAPLANT{secrets.token_hex(4).upper()}", f"planted-{secrets.token_hex(12)}"
     # moto accepts any credentials: the planted pair is used for real on every request

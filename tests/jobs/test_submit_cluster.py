@@ -218,7 +218,7 @@ CLUSTER_JOBS = [
         None,
         id="model-info",
         marks=pytest.mark.skipif(
-            importlib.util.find_spec("jobs.model_info") is None, reason="no jobs.model_info"
+            importlib.util.find_spec("jobs.eval.model_info") is None, reason="no jobs.eval.model_info"
         ),
     ),
 ]
@@ -323,7 +323,7 @@ def test_elastic_pretraining_survives_losing_a_node(local_cluster, tmp_path):
     (its `ray start` process group SIGKILLed: raylet, workers and all), finishes with the samples its schedule
     asks for, never trains on a sample twice within an epoch (the loader's guarantee across the resize), and
     grows back to 2 workers once the node rejoins (Ray Train V2's elastic resize)."""
-    from jobs.metrics import read_metrics
+    from jobs.train.metrics import read_metrics
     from tests.pipeline.shardset_helpers import make_shard_set
 
     shards = str(tmp_path / "shards")

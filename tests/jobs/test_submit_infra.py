@@ -154,9 +154,9 @@ def _gpu_node_types() -> dict[str, tuple[dict[str, float], int]]:
 
 def _gpu_train_configs() -> list[tuple[str, object]]:
     from jobs.config import load_config
-    from jobs.study import StudyConfig, expand_grid, resolve_cell
-    from jobs.train_config import FinetuneConfig, PretrainConfig
-    from tests.jobs.test_study import fake_data
+    from jobs.study.study import StudyConfig, expand_grid, resolve_cell
+    from jobs.train.config import FinetuneConfig, PretrainConfig
+    from tests.jobs.study.test_study import fake_data
 
     out = []
     for cls, folder in ((PretrainConfig, "pretrain"), (FinetuneConfig, "finetune")):
@@ -180,7 +180,7 @@ def _gpu_train_configs() -> list[tuple[str, object]]:
 def test_every_cluster_spec_places_every_gpu_config():
     """A config whose min_workers the cluster cannot place makes an elastic run wait forever: every shipped
     GPU node type, at its most nodes, must hold every shipped GPU config's min_workers (else num_workers)."""
-    from jobs.launch import placeable
+    from jobs.train.launch import placeable
 
     nodes, configs = _gpu_node_types(), _gpu_train_configs()
     assert len(nodes) == 2 and len(configs) >= 6
@@ -198,9 +198,9 @@ def test_every_cluster_spec_places_every_gpu_config():
 
 
 def test_unplaceable_workers_fail_with_a_clear_error(monkeypatch):
-    import jobs.launch as launch
+    import jobs.train.launch as launch
     from jobs.config import load_config
-    from jobs.train_config import PretrainConfig
+    from jobs.train.config import PretrainConfig
 
     cfg = load_config(PretrainConfig, os.path.join(REPO, "configs", "pretrain", "vit_b.yaml"))
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 48.0, "GPU": 4.0}}])

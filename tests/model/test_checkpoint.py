@@ -8,7 +8,7 @@ import torch
 from model import VideoMAE, VideoMAEClassifier, get_config, load_checkpoint, save_checkpoint
 from model.checkpoint import official_state_dict
 from model.keymaps import CLASSIFIER, PRETRAIN, from_hf, to_hf
-from pipeline.masking import tube_mask
+from pipeline.loader.masking import tube_mask
 
 CFG = get_config("tiny", drop_path_rate=0.0)
 

@@ -7,8 +7,8 @@ import torch
 
 from model import VideoMAE, get_config
 from model.checkpoint import official_state_dict
-from pipeline.decoder_masking import decoder_masks, num_decoder_kept, running_cell_mask
-from pipeline.masking import tube_mask
+from pipeline.loader.decoder_masking import decoder_masks, num_decoder_kept, running_cell_mask
+from pipeline.loader.masking import tube_mask
 from tests.model import official_ref as ref
 
 CFG = get_config("tiny", decoder_mask_type="run_cell", decoder_mask_ratio=0.5)

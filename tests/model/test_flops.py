@@ -15,8 +15,8 @@ from model.flops import (
     pretrain_forward_flops,
     pretrain_train_flops,
 )
-from pipeline.decoder_masking import decoder_masks
-from pipeline.masking import tube_mask
+from pipeline.loader.decoder_masking import decoder_masks
+from pipeline.loader.masking import tube_mask
 
 
 def _count(fn) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from model import VideoMAE, get_config
-from pipeline.masking import tube_mask
+from pipeline.loader.masking import tube_mask
 
 GOLDEN = Path(__file__).with_name("golden_loss_tiny.json")
 STEPS = 5

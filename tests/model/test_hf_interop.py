@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from model import VideoMAE, VideoMAEClassifier, get_config, load_checkpoint, save_checkpoint  # noqa: E402
-from pipeline.masking import tube_mask  # noqa: E402
+from pipeline.loader.masking import tube_mask  # noqa: E402
 
 CFG = get_config("tiny", drop_path_rate=0.0)
 CASES = [(kind, pooling) for kind in ("pretrain", "classifier") for pooling in (True, False)]

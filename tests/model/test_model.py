@@ -13,8 +13,8 @@ from model import (
     unpatchify,
 )
 from model.layers import sinusoid_table
-from pipeline.masking import random_mask, tube_mask
-from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.loader.masking import random_mask, tube_mask
+from pipeline.loader.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _video(cfg, batch=2, seed=0):

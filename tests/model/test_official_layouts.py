@@ -12,8 +12,8 @@ import torch
 from model import VideoMAE, VideoMAEClassifier, get_config, load_checkpoint, save_checkpoint
 from model.checkpoint import infer_config
 from model.keymaps import CLASSIFIER, PRETRAIN, detect_kind, from_official, to_official
-from pipeline.decoder_masking import running_cell_mask
-from pipeline.masking import tube_mask
+from pipeline.loader.decoder_masking import running_cell_mask
+from pipeline.loader.masking import tube_mask
 from tests.model import official_ref as ref
 
 LAYOUTS = json.loads((pathlib.Path(__file__).parent / "data" / "official_layouts.json").read_text())[

@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from model import VideoMAE, VideoMAEClassifier, get_config
 from model.parallelize import parallelize
-from pipeline.masking import tube_mask
+from pipeline.loader.masking import tube_mask
 
 CFG = get_config("tiny", drop_path_rate=0.0)
 

@@ -1,4 +1,4 @@
-"""Build small shard sets that follow the ``pipeline.manifest`` contract, without the shard job.
+"""Build small shard sets that follow the ``pipeline.ingest.manifest`` contract, without the shard job.
 
 Why: loader, curation and study tests need shard sets with known content (and known defects) in
 milliseconds, on local disk or the loopback S3 server. ``make_shard_set`` writes ``{prefix}-{i:06d}.tar``
@@ -20,9 +20,16 @@ import pyarrow as pa
 import webdataset as wds
 
 from pipeline import storage
-from pipeline.encode import encode_mp4
-from pipeline.manifest import INDEX_NAME, MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
-from pipeline.manifest import write_table_atomic as write_table
+from pipeline.ingest.encode import encode_mp4
+from pipeline.ingest.manifest import (
+    INDEX_NAME,
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    read_manifest,
+    write_manifest,
+)
+from pipeline.ingest.manifest import write_table_atomic as write_table
 
 # bad-sample kinds accepted by ``bad=``: garbage bytes for the mp4, no mp4 member, a key the manifest
 # lists but the tar lacks, an unparsable .cls label

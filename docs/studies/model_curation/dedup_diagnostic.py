@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline.semantic import SemanticConfig, duplicate_groups, unit_vectors
-from pipeline.subset import SubsetRule, select
+from pipeline.curation.semantic import SemanticConfig, duplicate_groups, unit_vectors
+from pipeline.curation.subset import SubsetRule, select
 
 DEFECTS = ("black", "dark", "static", "blur", "duplicate", "near_duplicate")
 

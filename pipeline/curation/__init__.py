@@ -1,0 +1,1 @@
+"""Curation: per-clip quality and semantic metadata, subset rules as manifests, and the synthetic set."""

@@ -1,0 +1,193 @@
+"""One video's bytes -> ``num_sample`` augmented clips and their token masks, reproducible per sample.
+
+Why per-sample generators: every random draw for a sample (temporal start, crop, flip, mask) comes from a
+``torch.Generator`` seeded by ``(seed, epoch, key, stream)``. The result therefore does not depend on the
+worker, the world size or the position in the epoch, which is what lets a resumed (or elastically re-split)
+run produce bit-identical clips.
+
+Repeated sampling (VideoMAE V2): the frames are decoded once; each of the ``num_sample`` clips gets its own
+crop, flip and mask.
+
+Decoded-clip cache (``loader.cache``): a sample can also come :class:`Decoded` — every frame of its video,
+decoded once and kept by the loader — and its clips are then cut from memory. The frames a clip takes are
+the same either way (decoding is deterministic), so cached and uncached clips are bit-identical.
+
+What a clip is (frames, size, tubelets, mask) comes from the model config as a
+:class:`pipeline.loader.masking.ClipSpec`; how it is sampled and augmented (stride, repeats, flip, crop scales) from the
+:class:`pipeline.loader.loader.LoaderConfig`.
+
+Legend: ``R`` = num_sample, ``C`` = 3, ``T`` = num_frames, ``S`` = input_size,
+``L`` = (T / tubelet_size) * (S / patch_size)**2 tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from pipeline.loader.decode import BadSample, check_length, parse_label, read_clip_frames
+from pipeline.loader.masking import ClipSpec, clip_masks
+from pipeline.loader.transforms import crop_clip, sample_crop, stack_clips
+
+if TYPE_CHECKING:
+    from pipeline.loader.loader import LoaderConfig
+
+
+def sample_generator(seed: int, epoch: int, key: str, stream: str) -> torch.Generator:
+    """A CPU generator seeded from a hash of ``(seed, epoch, key, stream)`` (stable across processes and
+    Python versions, unlike ``hash()``)."""
+    digest = hashlib.blake2b(f"{seed}\x1f{epoch}\x1f{key}\x1f{stream}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+def sample_frame_indices(
+    duration: int, num_frames: int, sampling_rate: int, generator: torch.Generator
+) -> list[int]:
+    """Frame indices of one clip, following the official VideoMAE train sampler (``num_segments=1``).
+
+    The clip spans ``skip = num_frames * sampling_rate`` frames. If the video is at least that long, the start
+    is uniform in ``[0, duration - skip]`` and frames are ``start + i * sampling_rate``. Otherwise the clip
+    starts at 0 and stops advancing once the next step would reach the last frame (the official loop's
+    condition ``offset + step < duration`` with 1-based offsets), so short videos repeat their last sampled
+    frame. Returns ``num_frames`` indices in ``[0, duration)``.
+    """
+    if duration <= 0:
+        raise ValueError(f"duration must be positive, got {duration}")
+    skip = num_frames * sampling_rate
+    average = duration - skip + 1
+    start = int(torch.randint(average, (), generator=generator)) if average > 0 else 0
+    offset = start + 1  # the official code works with 1-based offsets
+    out = []
+    for _ in range(num_frames):
+        out.append(offset - 1)
+        if offset + sampling_rate < duration:
+            offset += sampling_rate
+    return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Decoded:
+    """A sample decoded once (the loader's cache): every frame of its video, uint8 ``[N, H, W, 3]``, and its
+    label — or the :class:`BadSample` that says why it cannot become a clip (a verdict on the data itself)."""
+
+    frames: np.ndarray | None
+    label: int = -1
+    error: BadSample | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.frames is None else int(self.frames.nbytes)
+
+
+def decode_sample(key: str, sample: dict[str, Any], *, backend: str = "auto") -> Decoded:
+    """Every frame and the label of a shard sample, or the reason it is unusable."""
+    try:
+        if "mp4" not in sample:
+            raise BadSample(key, "no .mp4 member")
+        label = parse_label(sample)
+        frames, _, _ = read_clip_frames(sample["mp4"], lambda n: range(n), key=key, backend=backend)
+    except BadSample as e:
+        return Decoded(frames=None, error=e)
+    return Decoded(frames=frames, label=label)
+
+
+def make_clips(
+    source: bytes | np.ndarray, key: str, spec: ClipSpec, cfg: LoaderConfig, *, seed: int, epoch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut ``cfg.num_sample`` clips of ``spec`` from one video: ``source`` is its MP4 bytes (decoded once,
+    only the frames the clip needs) or all of its decoded frames (uint8 ``[N, H, W, 3]``, the cache).
+
+    Returns ``(video_RCTSS uint8, mask_RL bool)``: the ``R`` clips share one decode (each has its own crop,
+    flip and mask); :func:`pipeline.loader.transforms.normalize` makes the float input on the training device.
+    Raises :class:`pipeline.loader.decode.BadSample` for undecodable or too-short videos.
+    """
+    g_time = sample_generator(seed, epoch, key, "time")
+    if isinstance(source, np.ndarray):
+        check_length(key, len(source), cfg.min_frames)
+        frames_THWC = source[sample_frame_indices(len(source), spec.num_frames, cfg.sampling_rate, g_time)]
+    else:
+        frames_THWC, _, _ = read_clip_frames(
+            source,
+            lambda n: sample_frame_indices(n, spec.num_frames, cfg.sampling_rate, g_time),
+            key=key,
+            min_frames=cfg.min_frames,
+            backend=cfg.decode_backend,
+        )
+    frames_TCHW = torch.from_numpy(frames_THWC).permute(0, 3, 1, 2)
+    height, width = frames_TCHW.shape[-2:]
+    clips, mask_gens = [], []
+    for r in range(cfg.num_sample):
+        g = sample_generator(seed, epoch, key, f"aug{r}")
+        crop = sample_crop(
+            width, height, input_size=spec.input_size, scales=cfg.scales, flip=cfg.flip, generator=g
+        )
+        clips.append(crop_clip(frames_TCHW, crop, input_size=spec.input_size))
+        mask_gens.append(sample_generator(seed, epoch, key, f"mask{r}"))
+    return stack_clips(clips), clip_masks(spec, mask_gens)
+
+
+def collate_clips(
+    group: Sequence[tuple[str, dict[str, Any] | Decoded | BadSample]],
+    spec: ClipSpec,
+    cfg: LoaderConfig,
+    *,
+    seed: int,
+    epoch: int,
+    pad_id: str,
+) -> dict[str, Any]:
+    """``V`` shard samples (or their :class:`Decoded` frames) -> one batch of ``B = V * R`` clips (keys:
+    ``video`` uint8 ``[B, 3, T, S, S]``, ``mask, label, valid, key, skipped``).
+
+    A bad sample never stops training: its slots are refilled with copies of the batch's good clips and their
+    labels (or, if none, zeros with label -1 and a fresh mask drawn from ``pad_id``) marked ``valid`` False,
+    so every batch has the same shape on every rank; ``skipped`` lists ``(key, reason)`` for the caller to
+    count.
+    """
+    r = cfg.num_sample
+    videos, masks, labels, keys, valid, skipped = [], [], [], [], [], []
+    for key, sample in group:
+        try:
+            if isinstance(sample, Exception):
+                raise sample
+            if isinstance(sample, Decoded):
+                if sample.error is not None:
+                    raise sample.error
+                label, source = sample.label, sample.frames
+            else:
+                if "mp4" not in sample:
+                    raise BadSample(key, "no .mp4 member")
+                label, source = parse_label(sample), sample["mp4"]
+            v, m = make_clips(source, key, spec, cfg, seed=seed, epoch=epoch)
+        except Exception as e:  # noqa: BLE001 - a bad sample is counted, never fatal
+            skipped.append((key, e.reason if isinstance(e, BadSample) else f"{type(e).__name__}: {e}"))
+            v, m, label = None, None, -1
+        videos.append(v)
+        masks.append(m)
+        labels.append(label)
+        keys += [key] * r
+        valid += [v is not None] * r
+    good = [i for i, v in enumerate(videos) if v is not None]
+    for n, i in enumerate(i for i, v in enumerate(videos) if v is None):
+        if good:
+            src = good[n % len(good)]
+            videos[i], masks[i], labels[i] = videos[src], masks[src], labels[src]
+        else:
+            videos[i] = torch.zeros(
+                r, 3, spec.num_frames, spec.input_size, spec.input_size, dtype=torch.uint8
+            )
+            masks[i] = clip_masks(
+                spec, [sample_generator(seed, epoch, f"pad/{pad_id}/{i}", str(j)) for j in range(r)]
+            )
+    return {
+        "video": stack_clips(videos),
+        "mask": torch.cat(masks),
+        "label": torch.tensor(labels, dtype=torch.int64).repeat_interleave(r),
+        "valid": torch.tensor(valid, dtype=torch.bool),
+        "key": keys,
+        "skipped": skipped,
+    }
