@@ -46,9 +46,11 @@ from pipeline.ingest.encode import encode_mp4
 from pipeline.ingest.manifest import INDEX_NAME, Manifest, ShardInfo, write_manifest, write_table_atomic
 from pipeline.ingest.transcode import TranscodeConfig, transcode
 from pipeline.loader.clips import make_clips, sample_frame_indices, sample_generator
+from pipeline.loader.config import LoaderConfig
 from pipeline.loader.decode import AUTO_ORDER, backend_error, parse_label, read_clip_frames, stream_in_order
-from pipeline.loader.loader import LoaderConfig, load_shards, make_loader
+from pipeline.loader.loader import make_loader
 from pipeline.loader.masking import clip_masks
+from pipeline.loader.plan import load_shards
 from pipeline.loader.transforms import apply_crop, sample_crop
 
 NAME = "loader_throughput"

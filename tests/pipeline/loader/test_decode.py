@@ -18,6 +18,7 @@ import torch
 import pipeline.loader.clips as clips
 from pipeline.ingest.encode import decode_all, encode_mp4
 from pipeline.loader.clips import make_clips, sample_frame_indices, sample_generator
+from pipeline.loader.config import LoaderConfig
 from pipeline.loader.decode import (
     AUTO_ORDER,
     BACKENDS,
@@ -26,7 +27,6 @@ from pipeline.loader.decode import (
     read_clip_frames,
     resolve_backend,
 )
-from pipeline.loader.loader import LoaderConfig
 from pipeline.loader.masking import ClipSpec
 from pipeline.loader.transforms import crop_clip, sample_crop
 from tests.pipeline.shardset_helpers import video_frames

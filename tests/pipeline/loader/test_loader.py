@@ -213,8 +213,7 @@ def test_decoded_cache_gives_the_uncached_clips_and_reads_each_shard_once(tmp_pa
     want = run_epoch(plain)
     for x, y in zip(head + tail, want, strict=True):
         assert x[0] == y[0] and torch.equal(x[1], y[1]) and torch.equal(x[2], y[2])
-    with pytest.raises(ValueError, match="needs loader.num_workers=0"):
-        small_cfg(url, cache=True, num_workers=2)
+    assert small_cfg(url, cache=True, num_workers=2).cache  # allowed since workers persist (test_stream.py)
     tiny = make_loader(small_cfg(url, num_workers=0, cache=True), SPEC)
     tiny.cache.max_bytes = 40_000  # room for a few decoded videos only: the rest is decoded each epoch
     ref = make_loader(small_cfg(url, num_workers=0), SPEC)

@@ -9,8 +9,8 @@ from PIL import Image
 
 from pipeline.ingest.encode import encode_mp4
 from pipeline.loader.clips import make_clips, sample_frame_indices, sample_generator
+from pipeline.loader.config import LoaderConfig
 from pipeline.loader.decode import BadSample, read_clip_frames
-from pipeline.loader.loader import LoaderConfig
 from pipeline.loader.masking import ClipSpec, tube_mask
 from pipeline.loader.transforms import (
     IMAGENET_MEAN,
