@@ -10,16 +10,19 @@ Hugging Face ``use_mean_pooling=True`` pretraining models) and VideoMAE V2's dua
 (``decoder_mask_type``/``decoder_mask_ratio``, masks drawn by ``pipeline.loader.decoder_masking``).
 
 Token grid: a clip ``[C, T, H, W]`` becomes ``T' x H' x W'`` tubelets with ``T' = T / tubelet_size`` and
-``H' = H / patch_size`` (same for W); tokens are ordered ``(t, h, w)`` as in the official implementation.
+``H' = H / patch_size`` (same for W); tokens are ordered ``(t, h, w)`` as in the official implementation. The
+grid formula, the mask-ratio range and the mask and decoder-mask checks live on the data side
+(``pipeline.loader.masking``: ``token_grid``, ``ClipSpec``); this config derives from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
-from pipeline.loader.decoder_masking import check_decoder_mask, num_decoder_kept
-from pipeline.loader.masking import MASK_TYPES, ClipSpec, num_masked
+from pipeline.checks import positive_int
+from pipeline.loader.masking import MASK_TYPES, ClipSpec, token_grid
 
 CLASSIFIER_POOLS = ("mean", "time")
 
@@ -70,9 +73,7 @@ class VideoMAEConfig:
             "encoder_heads decoder_width decoder_depth decoder_heads"
         ).split()
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"model.{name} must be a positive int, got {value!r}")
+            positive_int(f"model.{name}", getattr(self, name))
         if self.img_size % self.patch_size:
             raise ValueError(
                 f"model.img_size ({self.img_size}) must be divisible by patch_size ({self.patch_size})"
@@ -102,30 +103,22 @@ class VideoMAEConfig:
             raise ValueError(f"model.norm_pix_eps must be > 0, got {self.norm_pix_eps}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"model.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.mask_type not in MASK_TYPES:
             raise ValueError(f"model.mask_type must be one of {MASK_TYPES}, got {self.mask_type!r}")
-        if num_masked(*self.grid, self.mask_ratio, self.mask_type) == 0:
-            raise ValueError(
-                f"model.mask_ratio {self.mask_ratio} masks no token of a {self.grid[1]}x{self.grid[2]} grid"
-            )
-        try:
-            check_decoder_mask(self.grid[1], self.grid[2], self.decoder_mask_ratio, self.decoder_mask_type)
+        try:  # the mask ratio's range, the masked count and the decoder mask: checked where a clip is defined
+            self.clip_spec()
         except ValueError as e:
             raise ValueError(f"model.{e}") from e
 
     @property
     def grid(self) -> tuple[int, int, int]:
-        """Token grid ``(T', H', W')``."""
-        side = self.img_size // self.patch_size
-        return self.num_frames // self.tubelet_size, side, side
+        """Token grid ``(T', H', W')`` (``pipeline.loader.masking.token_grid``)."""
+        return token_grid(self.num_frames, self.img_size, self.patch_size, self.tubelet_size)
 
     @property
     def num_patches(self) -> int:
         """Tokens per clip, ``T' * H' * W'``."""
-        t, h, w = self.grid
-        return t * h * w
+        return math.prod(self.grid)
 
     @property
     def patch_dim(self) -> int:
@@ -135,17 +128,16 @@ class VideoMAEConfig:
     @property
     def num_masked(self) -> int:
         """Masked tokens per clip for ``mask_type``/``mask_ratio`` (exact; both mask types keep it fixed)."""
-        return num_masked(*self.grid, self.mask_ratio, self.mask_type)
+        return self.clip_spec().num_masked
 
     @property
     def num_decoded(self) -> int:
         """Tokens per clip the decoder reconstructs: every masked token, or those a decoder mask keeps."""
-        kept = num_decoder_kept(*self.grid, self.decoder_mask_ratio, self.decoder_mask_type)
-        return self.num_masked if kept is None else kept
+        return self.clip_spec().num_decoded
 
     def clip_spec(self, *, masking: bool = True) -> ClipSpec:
-        """The clip this model consumes, for the loader: its size and, for pretraining (``masking``), its mask;
-        finetuning and evaluation see whole clips (``mask_type="none"``)."""
+        """The clip this model consumes, for the loader: its size and, for pretraining (``masking``), its
+        encoder mask and VideoMAE V2 decoder mask; finetuning and evaluation see whole clips (no masks)."""
         return ClipSpec(
             num_frames=self.num_frames,
             input_size=self.img_size,
@@ -153,6 +145,8 @@ class VideoMAEConfig:
             tubelet_size=self.tubelet_size,
             mask_ratio=self.mask_ratio if masking else 0.0,
             mask_type=self.mask_type if masking else "none",
+            decoder_mask_type=self.decoder_mask_type if masking else "none",
+            decoder_mask_ratio=self.decoder_mask_ratio if masking else 0.0,
         )
 
     @property
@@ -221,7 +215,7 @@ def vit_h(**overrides) -> VideoMAEConfig:
 def vit_g(**overrides) -> VideoMAEConfig:
     """ViT-g/14 (VideoMAE V2 ``pretrain_videomae_giant_patch14_224``): patch 14, width 1408, depth 40, 16 heads,
     MLP ratio 48/11 (hidden 6144); decoder 4 x 512, 8 heads. V2 pretrains it with ``decoder_mask_type="run_cell"``,
-    ``decoder_mask_ratio=0.5``, which needs the loader to draw decoder masks (``pipeline.loader.decoder_masking``)."""
+    ``decoder_mask_ratio=0.5`` (the loader draws the decoder masks from ``clip_spec()``)."""
     defaults = dict(
         patch_size=14,
         encoder_width=1408,

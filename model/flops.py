@@ -7,9 +7,9 @@ multiply-add count: it equals ``encoder_flops(vit_b, 1568) / 2``.
 
 Pretraining forward = patch embedding on all ``L`` tokens + encoder on the ``N`` visible tokens + decoder on the
 ``N`` visible tokens and ``K`` mask tokens + head on the ``K``. ``K = M`` (every masked token, so the decoder sees
-all ``L``) unless VideoMAE V2 decoder masking keeps fewer (``cfg.decoder_mask_type``). Forward+backward is 3x forward (backward computes the gradient
-w.r.t. both inputs and weights of each matmul: 2x forward) minus the patch embedding's input gradient, which
-nothing needs (the video does not require grad).
+all ``L``) unless VideoMAE V2 decoder masking keeps fewer (``cfg.decoder_mask_type``). Forward+backward is
+3x forward (backward computes the gradient w.r.t. both inputs and weights of each matmul: 2x forward) minus the
+patch embedding's input gradient, which nothing needs (the video does not require grad).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from model.config import VideoMAEConfig
 from model.videomae import VideoMAE, VideoMAEClassifier
 from pipeline.loader.decoder_masking import num_decoder_kept
-from pipeline.loader.masking import num_masked
+from pipeline.loader.masking import check_mask_ratio, num_masked
 
 
 def block_flops(num_tokens: int, width: int, mlp_hidden: int) -> int:
@@ -44,9 +44,7 @@ def encoder_flops(cfg: VideoMAEConfig, num_tokens: int) -> int:
 def _num_masked(cfg: VideoMAEConfig, mask_ratio: float | None) -> int:
     if mask_ratio is None:
         return cfg.num_masked
-    if not 0.0 < mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-    return num_masked(*cfg.grid, mask_ratio, cfg.mask_type)
+    return num_masked(*cfg.grid, check_mask_ratio(mask_ratio), cfg.mask_type)
 
 
 def pretrain_forward_flops(cfg: VideoMAEConfig, mask_ratio: float | None = None) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import Mlp
 from torch import nn
 
 LN_EPS = 1e-6  # official VideoMAE: partial(nn.LayerNorm, eps=1e-6) everywhere
@@ -90,6 +89,20 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+class Mlp(nn.Module):
+    """Linear ``fc1`` -> GELU -> linear ``fc2``, ``[..., D] -> [..., D]`` through ``hidden`` features: timm's
+    ``Mlp`` without dropout (VideoMAE uses none), written out because importing timm imports torchvision."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + DropPath(Attn(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``."""
 
@@ -103,7 +116,7 @@ class Block(nn.Module):
         # every block has the same structure for torch.compile
         self.drop_path = DropPath(drop_path) if drop_path is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = Mlp(in_features=dim, hidden_features=mlp_hidden, act_layer=nn.GELU)
+        self.mlp = Mlp(dim, mlp_hidden)
 
     def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
         x_BND = x_BND + self.drop_path(self.attn(self.norm1(x_BND)))

@@ -20,7 +20,8 @@ from torch import nn
 
 from model.config import VideoMAEConfig
 from model.layers import LN_EPS, PatchEmbed, make_blocks, sinusoid_table
-from pipeline.loader.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.checks import positive_int
+from pipeline.loader.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 
 def patchify(video_BCTHW: torch.Tensor, *, patch_size: int, tubelet_size: int) -> torch.Tensor:
@@ -230,7 +231,10 @@ class VideoMAE(nn.Module):
             raise ValueError(
                 f"mask must mask between 1 and L-1 = {L - 1} tokens per sample, got {num_masked}"
             )
-        order_BL = order_BL.to(device)
+        # non_blocking: the indices are sorted on the host, where the loader drew the mask, and a pageable
+        # host->device copy queued this way is staged at once without waiting for the GPU (a blocking .to()
+        # would make every step wait for the previous one: a host sync).
+        order_BL = order_BL.to(device, non_blocking=True)
         return order_BL[:, : L - num_masked], order_BL[:, L - num_masked :]
 
     def _decoded(
@@ -246,7 +250,7 @@ class VideoMAE(nn.Module):
         weight_BK = torch.gather(mask_BL.to(kept_BK.device), 1, kept_BK)
         if not bool(weight_BK.any()):
             raise ValueError("decoder_mask keeps none of the masked tokens: nothing to reconstruct")
-        return kept_BK.to(device), weight_BK.to(device)
+        return kept_BK.to(device, non_blocking=True), weight_BK.to(device, non_blocking=True)  # as in _split
 
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(
@@ -354,8 +358,7 @@ class VideoMAEClassifier(nn.Module):
         super().__init__()
         if not isinstance(cfg, VideoMAEConfig):
             raise ValueError(f"cfg must be a VideoMAEConfig, got {type(cfg).__name__}")
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes <= 0:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        positive_int("num_classes", num_classes)
         if not 0.0 <= head_drop < 1.0:
             raise ValueError(f"head_drop must be in [0, 1), got {head_drop}")
         self.cfg = cfg

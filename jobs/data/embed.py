@@ -33,17 +33,23 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
 import torch
+from ray.util import ActorPool
 from torch import nn
 from tqdm import tqdm
 
 from jobs.config import load_config, save_config, to_dict
-from jobs.data.shard import RayConfig, _init_ray
-from jobs.eval.features import FEATURE_POOLS, FeatureExtractor, _shard_features, pool_features
+from jobs.eval.features import FEATURE_POOLS, FeatureExtractor, pool_features, shard_features
+from jobs.ray_utils import RayConfig, init_ray
+from jobs.train.checkpointing import load_any_checkpoint
+from model import VideoMAE
 from pipeline import storage
+from pipeline.checks import positive_int
 from pipeline.curation.semantic import SemanticConfig, semantic_columns
 from pipeline.ingest import manifest
-from pipeline.loader.masking import MASK_TYPES, random_mask, tube_mask
+from pipeline.loader.masking import MASK_TYPES, check_mask_ratio, mask_kind
+from pipeline.loader.transforms import SAMPLING_RATE
 from pipeline.loader.views import ViewSpec
 
 EMBEDDINGS_NAME = "embeddings.parquet"
@@ -63,13 +69,13 @@ DEVICES = ("auto", "cpu", "cuda")
 class ViewsSection:
     """Which views of a clip are embedded; frames and size come from the checkpoint (``clip_spec``)."""
 
-    sampling_rate: int = 4  # frame stride of a view
+    sampling_rate: int = SAMPLING_RATE  # frame stride of a view
     clips: int = 1  # temporal views, evenly spaced; embedding and losses are averaged over all views
     crops: int = 1  # spatial crops per temporal view
 
     def __post_init__(self) -> None:
-        if min(self.sampling_rate, self.clips, self.crops) < 1:
-            raise ValueError(f"views.sampling_rate, clips and crops must be >= 1, got {self}")
+        for name in ("sampling_rate", "clips", "crops"):
+            positive_int(f"views.{name}", getattr(self, name))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,8 +92,8 @@ class LearnabilitySection:
             raise ValueError(
                 f"learnability.mask_type must be one of {MASK_TYPES} or null, got {self.mask_type!r}"
             )
-        if self.mask_ratio is not None and not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"learnability.mask_ratio must be in (0, 1) or null, got {self.mask_ratio}")
+        if self.mask_ratio is not None:
+            check_mask_ratio(self.mask_ratio, name="learnability.mask_ratio")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -114,7 +120,7 @@ def fixed_mask(model: nn.Module, cfg: LearnabilitySection) -> torch.Tensor:
     and ratio."""
     spec = model.cfg.clip_spec()
     kind, ratio = cfg.mask_type or spec.mask_type, cfg.mask_ratio or spec.mask_ratio
-    draw = tube_mask if kind == "tube" else random_mask
+    draw = mask_kind(kind).draw
     return draw(1, *spec.token_grid, ratio, torch.Generator().manual_seed(cfg.mask_seed))[0]
 
 
@@ -182,9 +188,6 @@ def run_embed(
     checkpoint: str, manifest_url: str, output: str | None, cfg: EmbedConfig, *, address: str | None = None
 ) -> dict:
     """Embed every clip of the shard set (only shards without a part file); write the merged table."""
-    from jobs.train.checkpointing import load_any_checkpoint
-    from model import VideoMAE
-
     t0 = time.time()
     m = manifest.read_manifest(manifest_url)
     manifest_sha = hashlib.sha256(storage.read_bytes(m.url)).hexdigest()
@@ -207,7 +210,9 @@ def run_embed(
     todo = [s for s in m.shards if not storage.exists(parts[s.name])]
     probe = EmbedProbe(model, cfg.pool, mask)
     use_gpu = {"auto": None, "cpu": False, "cuda": True}[cfg.device]
-    started = _init_ray(cfg.ray, address) if cfg.actors and todo else False
+    started = False
+    if cfg.actors and todo:  # extraction in this process needs no Ray
+        started = init_ray(address, new_local=True, num_cpus=cfg.ray.num_cpus, include_dashboard=False)
     try:
         bar = tqdm(total=len(todo), desc="embed", unit="shard", disable=None)
         kw = dict(batch_size=cfg.batch_size, actors=cfg.actors if todo else 0, cpus_per_actor=cfg.cpus_per_actor,
@@ -219,8 +224,6 @@ def run_embed(
         bar.close()
     finally:
         if started:
-            import ray
-
             ray.shutdown()
     table = (
         pa.concat_tables([manifest.read_table(parts[s.name]) for s in m.shards])
@@ -253,10 +256,9 @@ def _shard_results(ex: FeatureExtractor, m: manifest.Manifest, shards: list, vie
     """``(shard name, jobs.eval.features result)`` per shard, in order (actor pool, or this process)."""
     if not ex.actors:
         for s in shards:
-            yield s.name, _shard_features(ex.model, m.shard_url(s), list(s.keys), views, batch_size=ex.batch_size,
-                                          device=ex.device, cfg=ex.scfg)  # fmt: skip
+            yield s.name, shard_features(ex.model, m.shard_url(s), list(s.keys), views, batch_size=ex.batch_size,
+                                         device=ex.device, cfg=ex.scfg)  # fmt: skip
         return
-    from ray.util import ActorPool
 
     def submit(actor: Any, s: Any) -> Any:
         return actor.shard.remote(m.shard_url(s), list(s.keys), views, ex.scfg, "mean")

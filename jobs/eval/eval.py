@@ -31,9 +31,13 @@ from torch import nn
 from jobs.config import load_config, to_dict
 from jobs.eval.features import FeatureExtractor, FeaturesSection, SplitSection
 from jobs.eval.metrics import ProbeConfig, aggregate_views, knn_predict, linear_probe, topk_accuracy
+from jobs.ray_utils import init_ray
 from jobs.train.checkpointing import load_any_checkpoint
 from jobs.train.lineage import describe
+from model import VideoMAEClassifier
 from pipeline import storage
+from pipeline.checks import positive_int
+from pipeline.loader.transforms import SAMPLING_RATE
 from pipeline.loader.views import ViewSpec
 
 log = logging.getLogger(__name__)
@@ -61,7 +65,7 @@ class EvalConfig:
     train: SplitSection | None = None
     view_sets: tuple[tuple[int, int], ...] = ((2, 3), (5, 3))
     feature_views: tuple[int, int] = (1, 1)
-    sampling_rate: int = 4
+    sampling_rate: int = SAMPLING_RATE
     num_frames: int | None = None
     input_size: int | None = None
     num_classes: int | None = None  # default: the classifier's, else 1 + the largest label seen
@@ -81,8 +85,7 @@ class EvalConfig:
             if len(pair) != 2 or any(not isinstance(v, int) or v < 1 for v in pair):
                 raise ValueError(f"view sets must be [clips, crops] pairs of ints >= 1, got {list(pair)}")
         for name in ("sampling_rate", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            positive_int(name, getattr(self, name))
         if self.actors < 0 or not self.cpus_per_actor > 0:
             raise ValueError(
                 f"actors must be >= 0 and cpus_per_actor > 0, got {self.actors} / {self.cpus_per_actor}"
@@ -115,8 +118,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     skipped), ``multiview`` (per ``"{clips}x{crops}"``: top1, top5, views, videos; empty for a pretrained
     checkpoint), and with a train split ``knn``, ``linear_probe`` (top1, top5), ``feature_dim``,
     ``num_classes``; ``seconds``. Accuracies are fractions of the labelled test videos."""
-    from model import VideoMAEClassifier
-
     storage.check_bucket(cfg.output, cfg.storage)
     t0 = time.perf_counter()
     model, meta = load_any_checkpoint(cfg.checkpoint)
@@ -201,9 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(EvalConfig, args.config, args.overrides)
     if args.address:
-        import ray
-
-        ray.init(address=args.address)  # feature actors get the credentials as a Ray object
+        init_ray(args.address)  # feature actors get the credentials as a Ray object
     report = evaluate(cfg)
     for name, acc in report["multiview"].items():
         print(f"{name} views: top1 {acc['top1']:.4f} top5 {acc['top5']:.4f} ({acc['videos']} videos)")

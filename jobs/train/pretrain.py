@@ -16,15 +16,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.config import load_config
 from jobs.train.config import PretrainConfig
-from pipeline import storage
+from jobs.train.launch import add_fit_arguments, run_fit
+from jobs.train.launch import fit as launch
+from jobs.train.metrics import pixel_mask, reconstructions, save_reconstruction_grid
+from jobs.train.optim import build_optimizer
+from model import VideoMAE
+from model.flops import pretrain_train_flops
 from pipeline.loader.masking import ClipSpec
 from pipeline.loader.transforms import IMAGENET_MEAN, IMAGENET_STD, model_input
 
 
 class PretrainTask:
-    """Masked autoencoding: the loss of ``VideoMAE(video, mask)`` on the loader's masked clips."""
+    """Masked autoencoding: the loss of ``VideoMAE(video, mask, decoder_mask)`` on the loader's masked clips
+    (``decoder_mask`` only with VideoMAE V2 dual masking)."""
 
     config_class = PretrainConfig
     unit = "clips"
@@ -38,13 +43,9 @@ class PretrainTask:
         return self.model_cfg.clip_spec(masking=True)
 
     def build_model(self, *, resuming: bool) -> nn.Module:
-        from model import VideoMAE
-
         return VideoMAE(self.model_cfg)
 
     def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        from jobs.train.optim import build_optimizer
-
         return build_optimizer(model, self.cfg.optim, lr=lr)
 
     def forward(
@@ -52,8 +53,18 @@ class PretrainTask:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         video = model_input(batch["video"], device)  # uint8 from the loader, normalised on the device
         mask = batch["mask"]  # stays on the CPU: the model splits tokens where the mask lives (no host sync)
-        loss, pred = model(video, mask)
-        self._last = (video, mask, pred)
+        # VideoMAE V2 dual masking: the loader adds decoder_mask exactly when the model config has a decoder mask
+        # type (the clip spec carries it); a batch without one would silently train the plain objective
+        decoder_mask = batch.get("decoder_mask")
+        if (decoder_mask is None) != (self.model_cfg.decoder_mask_type == "none"):
+            raise ValueError(
+                f"batch {'lacks' if decoder_mask is None else 'has'} a decoder_mask but the model's "
+                f"decoder_mask_type is {self.model_cfg.decoder_mask_type!r}: make the loader from task.clip_spec()"
+            )
+        loss, pred = model(video, mask, decoder_mask)
+        # the reconstruction PNG needs a prediction for every masked token; a decoder-masked forward predicts
+        # only the K tokens its decoder mask keeps, so such a step leaves no picture
+        self._last = (video, mask, pred) if decoder_mask is None else None
         return loss, {}
 
     def summarize(self, stats: dict[str, float]) -> dict[str, float]:
@@ -61,8 +72,6 @@ class PretrainTask:
 
     def flops_per_sample(self) -> float:
         """Analytic training FLOPs per clip (forward + backward) from ``model.flops``."""
-        from model.flops import pretrain_train_flops
-
         return float(pretrain_train_flops(self.model_cfg))
 
     def on_log(self, step: int, log_dir: str, model: nn.Module) -> None:
@@ -74,24 +83,19 @@ class PretrainTask:
 def save_grid(
     path: str, model: nn.Module, video: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor
 ) -> None:
-    """Original / masked / reconstruction PNG of ``video[0]`` (``pred`` holds the whole micro-batch)."""
-    from jobs.train.metrics import pixel_mask, save_reconstruction_grid
-    from model import VideoMAE
-
+    """Original / masked / both reconstructions PNG of ``video[0]`` (``pred`` holds the whole micro-batch;
+    ``jobs.train.metrics.reconstructions``: visible-tubelet statistics, true per-tubelet statistics)."""
     cfg = model.cfg
-    # the class function, not the instance method: FSDP registers the latter as a collective forward
-    recon = VideoMAE.reconstruct(model, video[:1], pred[:1].detach(), mask[:1])[0]
+    recons = {k: r[0] for k, r in reconstructions(model, video[:1], mask[:1], pred[:1].detach()).items()}
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None, None]
     orig = video[0].detach().float().cpu() * std + mean
     pmask = pixel_mask(mask[0].cpu(), grid=cfg.grid, tubelet=cfg.tubelet_size, patch=cfg.patch_size)
-    save_reconstruction_grid(path, orig, pmask, recon.cpu())
+    save_reconstruction_grid(path, orig, pmask, recons)
 
 
 def fit(cfg: PretrainConfig, *, resume: bool = False) -> Any:
     """Run (or continue) pretraining; returns the ``ray.train.Result``. Starts a local Ray if none is up."""
-    from jobs.train.launch import fit as launch
-
     return launch(cfg, PretrainTask, resume=resume)
 
 
@@ -100,27 +104,11 @@ CONFIG_CLASS = PretrainConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML under configs/pretrain/")
-    parser.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. optim.base_lr=1e-4")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in storage_path/name")
+    add_fit_arguments(parser, CONFIG_DIR, example="optim.base_lr=1e-4")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    if args.address:
-        import ray
+    def shown(result: Any) -> dict[str, Any]:
+        return {"checkpoint": result.checkpoint.path if result.checkpoint else None}
 
-        ray.init(address=args.address)
-    result = fit(cfg, resume=args.resume)
-    metrics = result.metrics or {}
-    from jobs.train.launch import export_url
-
-    final = (
-        export_url(cfg) if storage.exists(storage.join(export_url(cfg), "vmae.json")) else "(not finished)"
-    )
-    print(
-        f"pretrain {cfg.name}: step {metrics.get('step')} loss {metrics.get('loss')} "
-        f"checkpoint {result.checkpoint.path if result.checkpoint else None} model {final}"
-    )
-    return 0
+    return run_fit(args, PretrainConfig, fit, command="pretrain", shown=shown, product="model")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import storage
+from pipeline.curation.semantic import components
 from pipeline.loader.decode import BadSample, iter_shard, parse_label, read_clip_frames
 
 HASH_BITS = 64
@@ -213,7 +214,8 @@ def duplicate_groups(
 
     Two videos are near-duplicates when they share at least one valid position and their hashes differ, on
     average over the positions valid in both, in at most ``max_distance`` bits (the mean tolerates one
-    frame whose low-contrast hash flips under noise); groups are the connected components (union-find).
+    frame whose low-contrast hash flips under noise); groups are the connected components
+    (:func:`pipeline.curation.semantic.components`).
     Returns ``[N]`` int64: each video's group id = the smallest row index in its group.
 
     Every pair is compared, vectorised over blocks of rows (``block_elems`` bounds a block's [B, N, K]
@@ -225,14 +227,7 @@ def duplicate_groups(
     if not 0 <= max_distance < HASH_BITS:
         raise ValueError(f"max_distance must be in [0, 63], got {max_distance}")
     n, k = hashes.shape
-    parent = np.arange(n)
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
+    edges_i, edges_j = [], []
     start = 0
     while start < n:  # rows [start, start + b) against rows [start, n): each pair once, i < j
         m = n - start
@@ -241,11 +236,13 @@ def duplicate_groups(
         bits = np.where(both, hamming(hashes[start : start + b, None, :], hashes[None, start:, :]), 0).sum(-1)
         common = both.sum(-1)
         later = np.arange(m)[None, :] > np.arange(b)[:, None]
-        for i, j in zip(*np.nonzero((common > 0) & (bits <= max_distance * common) & later), strict=True):
-            ri, rj = find(int(i) + start), find(int(j) + start)
-            parent[max(ri, rj)] = min(ri, rj)
+        i, j = np.nonzero((common > 0) & (bits <= max_distance * common) & later)
+        edges_i.append(i + start)
+        edges_j.append(j + start)
         start += b
-    return np.array([find(i) for i in range(n)], np.int64)
+    if not edges_i:
+        return np.arange(n, dtype=np.int64)
+    return components(n, np.concatenate(edges_i), np.concatenate(edges_j))
 
 
 def _sample_row(sample: dict, shard: str, cfg: QualityConfig) -> dict:

@@ -12,9 +12,13 @@ Decoded-clip cache (``loader.cache``): a sample can also come :class:`Decoded` â
 decoded once and kept by the loader â€” and its clips are then cut from memory. The frames a clip takes are
 the same either way (decoding is deterministic), so cached and uncached clips are bit-identical.
 
-What a clip is (frames, size, tubelets, mask) comes from the model config as a
+What a clip is (frames, size, tubelets, masks) comes from the model config as a
 :class:`pipeline.loader.masking.ClipSpec`; how it is sampled and augmented (stride, repeats, flip, crop scales) from the
-:class:`pipeline.loader.loader.LoaderConfig`.
+:class:`pipeline.loader.config.LoaderConfig`.
+
+Decoder masks (VideoMAE V2 dual masking, ``spec.decoder_mask_type != "none"``): clip ``r`` of a sample draws its
+decoder mask from stream ``dmask{r}``, so adding them leaves every other draw (and so every run without them)
+unchanged; a batch then carries ``decoder_mask`` (bool ``[B, L]``, True = not reconstructed).
 
 Legend: ``R`` = num_sample, ``C`` = 3, ``T`` = num_frames, ``S`` = input_size,
 ``L`` = (T / tubelet_size) * (S / patch_size)**2 tokens.
@@ -25,17 +29,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.loader.config import LoaderConfig
 from pipeline.loader.decode import BadSample, check_length, parse_label, read_clip_frames
+from pipeline.loader.decoder_masking import decoder_masks
 from pipeline.loader.masking import ClipSpec, clip_masks
 from pipeline.loader.transforms import crop_clip, sample_crop, stack_clips
-
-if TYPE_CHECKING:
-    from pipeline.loader.loader import LoaderConfig
 
 
 def sample_generator(seed: int, epoch: int, key: str, stream: str) -> torch.Generator:
@@ -131,6 +134,18 @@ def make_clips(
     return stack_clips(clips), clip_masks(spec, mask_gens)
 
 
+def clip_decoder_masks(
+    spec: ClipSpec, key: str, count: int, *, seed: int, epoch: int, stream: str = "dmask"
+) -> torch.Tensor | None:
+    """Decoder masks of a sample's ``count`` clips, bool ``[count, L]`` (True = not reconstructed), clip ``r``
+    from stream ``f"{stream}{r}"``; ``None`` when ``spec`` has no decoder mask. They depend on
+    ``(seed, epoch, key)`` only, never on the video, so a resumed run draws the same."""
+    if spec.decoder_mask_type == "none":
+        return None
+    gens = [sample_generator(seed, epoch, key, f"{stream}{r}") for r in range(count)]
+    return decoder_masks(spec.token_grid, spec.decoder_mask_type, spec.decoder_mask_ratio, gens)
+
+
 def collate_clips(
     group: Sequence[tuple[str, dict[str, Any] | Decoded | BadSample]],
     spec: ClipSpec,
@@ -141,15 +156,20 @@ def collate_clips(
     pad_id: str,
 ) -> dict[str, Any]:
     """``V`` shard samples (or their :class:`Decoded` frames) -> one batch of ``B = V * R`` clips (keys:
-    ``video`` uint8 ``[B, 3, T, S, S]``, ``mask, label, valid, key, skipped``).
+    ``video`` uint8 ``[B, 3, T, S, S]``, ``mask, label, valid, key, skipped``, and ``decoder_mask`` bool
+    ``[B, L]`` when ``spec`` has a decoder mask type).
 
-    A bad sample never stops training: its slots are refilled with copies of the batch's good clips and their
-    labels (or, if none, zeros with label -1 and a fresh mask drawn from ``pad_id``) marked ``valid`` False,
-    so every batch has the same shape on every rank; ``skipped`` lists ``(key, reason)`` for the caller to
-    count.
+    ``decoder_mask`` is absent, not a placeholder, without one: the model's forward takes ``None`` there (every
+    masked token reconstructed, VideoMAE's computation, bit for bit), so the key's presence says which
+    objective the batch trains.
+
+    A bad sample never stops training: its slots are refilled with copies of the batch's good clips, their
+    masks and labels (or, if none, zeros with label -1 and fresh masks drawn from ``pad_id``) marked ``valid``
+    False, so every batch has the same shape on every rank; ``skipped`` lists ``(key, reason)`` for the caller
+    to count.
     """
     r = cfg.num_sample
-    videos, masks, labels, keys, valid, skipped = [], [], [], [], [], []
+    videos, masks, dmasks, labels, keys, valid, skipped = [], [], [], [], [], [], []
     for key, sample in group:
         try:
             if isinstance(sample, Exception):
@@ -163,11 +183,13 @@ def collate_clips(
                     raise BadSample(key, "no .mp4 member")
                 label, source = parse_label(sample), sample["mp4"]
             v, m = make_clips(source, key, spec, cfg, seed=seed, epoch=epoch)
+            d = clip_decoder_masks(spec, key, r, seed=seed, epoch=epoch)
         except Exception as e:  # noqa: BLE001 - a bad sample is counted, never fatal
             skipped.append((key, e.reason if isinstance(e, BadSample) else f"{type(e).__name__}: {e}"))
-            v, m, label = None, None, -1
+            v, m, d, label = None, None, None, -1
         videos.append(v)
         masks.append(m)
+        dmasks.append(d)
         labels.append(label)
         keys += [key] * r
         valid += [v is not None] * r
@@ -175,15 +197,15 @@ def collate_clips(
     for n, i in enumerate(i for i, v in enumerate(videos) if v is None):
         if good:
             src = good[n % len(good)]
-            videos[i], masks[i], labels[i] = videos[src], masks[src], labels[src]
+            videos[i], masks[i], dmasks[i], labels[i] = videos[src], masks[src], dmasks[src], labels[src]
         else:
             videos[i] = torch.zeros(
                 r, 3, spec.num_frames, spec.input_size, spec.input_size, dtype=torch.uint8
             )
-            masks[i] = clip_masks(
-                spec, [sample_generator(seed, epoch, f"pad/{pad_id}/{i}", str(j)) for j in range(r)]
-            )
-    return {
+            pad_key = f"pad/{pad_id}/{i}"
+            masks[i] = clip_masks(spec, [sample_generator(seed, epoch, pad_key, str(j)) for j in range(r)])
+            dmasks[i] = clip_decoder_masks(spec, pad_key, r, seed=seed, epoch=epoch)
+    batch = {
         "video": stack_clips(videos),
         "mask": torch.cat(masks),
         "label": torch.tensor(labels, dtype=torch.int64).repeat_interleave(r),
@@ -191,3 +213,6 @@ def collate_clips(
         "key": keys,
         "skipped": skipped,
     }
+    if spec.decoder_mask_type != "none":
+        batch["decoder_mask"] = torch.cat(dmasks)
+    return batch

@@ -12,26 +12,26 @@ in each cell ``int(4 * ratio)`` of the 4 positions are dropped, and the dropped 
 the cell per time slice, so consecutive slices reconstruct complementary positions. One random phase (of 4) per
 clip. Exactly ``t*h*w * (4 - int(4*ratio)) / 4`` tokens are kept per clip (:func:`num_decoder_kept`).
 
+Decoder mask types are one table, :data:`DECODER_MASKS` (type -> check, kept count, draw); ``none`` is the
+absence of a decoder mask; an unknown type is a ``ValueError``, never a fallback.
+
 Legend: ``B`` batch, ``t, h, w`` token grid, ``L = t*h*w`` tokens ordered ``(t, h, w)``; decoder masks are bool
 ``[B, L]`` with True = not reconstructed by the decoder (VideoMAE V2's ``decode_masked_pos``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import torch
 
-DECODER_MASK_TYPES = ("none", "run_cell")  # "none": the decoder reconstructs every masked token (VideoMAE)
+from pipeline.checks import positive_int
+
 CELL = 4  # positions of a 2x2 running cell
 
 
-def check_decoder_mask(h: int, w: int, ratio: float, mask_type: str) -> None:
-    """``ValueError`` unless ``mask_type``/``ratio`` describe a decoder mask of an ``h x w`` token grid."""
-    if mask_type not in DECODER_MASK_TYPES:
-        raise ValueError(f"decoder_mask_type must be one of {DECODER_MASK_TYPES}, got {mask_type!r}")
-    if mask_type == "none":
-        if ratio != 0.0:
-            raise ValueError(f"decoder_mask_ratio must be 0 with decoder_mask_type 'none', got {ratio}")
-        return
+def _check_run_cell(h: int, w: int, ratio: float) -> None:
     if not 0.0 < ratio < 1.0 or not 1 <= int(CELL * ratio) < CELL:
         raise ValueError(
             f"decoder_mask_ratio must drop 1-3 positions of a 2x2 cell for run_cell (0.25 <= r < 1), got {ratio}"
@@ -40,12 +40,7 @@ def check_decoder_mask(h: int, w: int, ratio: float, mask_type: str) -> None:
         raise ValueError(f"decoder_mask_type 'run_cell' needs an even token grid, got {h}x{w}")
 
 
-def num_decoder_kept(t: int, h: int, w: int, ratio: float, mask_type: str) -> int | None:
-    """Tokens per clip the decoder reconstructs under a ``run_cell`` mask; ``None`` for ``none`` (then it is every
-    masked token, which the encoder mask decides)."""
-    check_decoder_mask(h, w, ratio, mask_type)
-    if mask_type == "none":
-        return None
+def _run_cell_kept(t: int, h: int, w: int, ratio: float) -> int:
     return t * h * w * (CELL - int(CELL * ratio)) // CELL
 
 
@@ -57,9 +52,8 @@ def running_cell_mask(
     Cell position ``c = 2*(y % 2) + (x % 2)`` of slice ``i`` is dropped iff ``(c + phase + i + 1) % 4 <
     int(4*ratio)``, with one ``phase`` in ``0..3`` per sample: the official generator's rotating queue of
     ``int(4*ratio)`` ones and ``4 - int(4*ratio)`` zeros, advanced once before each slice."""
-    check_decoder_mask(h, w, ratio, "run_cell")
-    if not isinstance(batch, int) or batch <= 0:
-        raise ValueError(f"decoder mask batch must be a positive int, got {batch!r}")
+    _check_run_cell(h, w, ratio)
+    positive_int("decoder mask batch", batch)
     if not isinstance(generator, torch.Generator):
         raise ValueError(f"decoder mask generator must be a torch.Generator, got {type(generator).__name__}")
     device = generator.device
@@ -71,6 +65,46 @@ def running_cell_mask(
     return (step_BTHW < int(CELL * ratio)).reshape(batch, t * h * w)
 
 
+@dataclasses.dataclass(frozen=True)
+class DecoderMaskKind:
+    """One decoder mask type: ``check(h, w, ratio)`` raises ``ValueError`` for settings it cannot draw,
+    ``kept(t, h, w, ratio)`` tokens per clip the decoder reconstructs, ``draw(batch, t, h, w, ratio,
+    generator)`` -> bool ``[batch, L]`` (True = not reconstructed)."""
+
+    check: Callable[[int, int, float], None]
+    kept: Callable[[int, int, int, float], int]
+    draw: Callable[..., torch.Tensor]
+
+
+DECODER_MASKS: dict[str, DecoderMaskKind] = {
+    "run_cell": DecoderMaskKind(_check_run_cell, _run_cell_kept, running_cell_mask),
+}
+DECODER_MASK_TYPES = (
+    "none",
+    *DECODER_MASKS,
+)  # "none": the decoder reconstructs every masked token (VideoMAE)
+
+
+def check_decoder_mask(h: int, w: int, ratio: float, mask_type: str) -> None:
+    """``ValueError`` unless ``mask_type``/``ratio`` describe a decoder mask of an ``h x w`` token grid."""
+    if mask_type == "none":
+        if ratio != 0.0:
+            raise ValueError(f"decoder_mask_ratio must be 0 with decoder_mask_type 'none', got {ratio}")
+        return
+    if mask_type not in DECODER_MASKS:
+        raise ValueError(f"decoder_mask_type must be one of {DECODER_MASK_TYPES}, got {mask_type!r}")
+    DECODER_MASKS[mask_type].check(h, w, ratio)
+
+
+def num_decoder_kept(t: int, h: int, w: int, ratio: float, mask_type: str) -> int | None:
+    """Tokens per clip the decoder reconstructs under a decoder mask; ``None`` for ``none`` (then it is every
+    masked token, which the encoder mask decides)."""
+    check_decoder_mask(h, w, ratio, mask_type)
+    if mask_type == "none":
+        return None
+    return DECODER_MASKS[mask_type].kept(t, h, w, ratio)
+
+
 def decoder_masks(
     grid: tuple[int, int, int], mask_type: str, ratio: float, generators: list[torch.Generator]
 ) -> torch.Tensor | None:
@@ -79,4 +113,5 @@ def decoder_masks(
     check_decoder_mask(h, w, ratio, mask_type)
     if mask_type == "none":
         return None
-    return torch.cat([running_cell_mask(1, t, h, w, ratio, g) for g in generators])
+    draw = DECODER_MASKS[mask_type].draw
+    return torch.cat([draw(1, t, h, w, ratio, g) for g in generators])

@@ -7,8 +7,8 @@ not depend on which worker made it or when (needed for exact resume). The crop i
 
 Legend: ``T`` frames, ``C`` = 3 RGB channels, ``H, W`` pixels, ``S`` = ``input_size``. Inputs are uint8
 ``[T, C, H, W]``; :func:`crop_clip` gives uint8 ``[C, T, S, S]`` (the training loader's clips) and
-:func:`normalize` turns uint8 into ImageNet-normalised float32 wherever the tensor lives (the training
-device); :func:`apply_crop` is both at once on the CPU (the float path of evaluation and the baselines).
+:func:`normalize` (``pipeline.loader.normalize``, re-exported here) turns uint8 into ImageNet-normalised
+float32 wherever the tensor lives (the training device); :func:`apply_crop` is both at once on the CPU (the float path of evaluation and the baselines).
 """
 
 from __future__ import annotations
@@ -20,9 +20,13 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as tvF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# the normalisation lives in a torchvision-free module (the model imports it); re-exported for existing users
+from pipeline.loader.normalize import IMAGENET_MEAN, IMAGENET_STD, model_input, normalize  # noqa: F401
+
 VIDEOMAE_SCALES = (1.0, 0.875, 0.75, 0.66)
+# the default frame stride of a clip (official: 4 for Kinetics-like data, 2 for SSv2-like); a per-run setting of
+# the data (training loader, eval views, embedding views each take one), with this one default
+SAMPLING_RATE = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,30 +124,6 @@ def stack_clips(clips: Sequence[torch.Tensor]) -> torch.Tensor:
     leaves them in (a transposing copy costs ~2 ms per 16x224^2 clip on one core; the device does it free)."""
     frames_NTSSC = [c.reshape(-1, *c.shape[-4:]).permute(0, 2, 3, 4, 1) for c in clips]  # views, no copy
     return torch.cat(frames_NTSSC).permute(0, 4, 1, 2, 3)
-
-
-def normalize(
-    video: torch.Tensor, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> torch.Tensor:
-    """uint8 pixels -> float32 ``(x / 255 - mean) / std`` per channel, on the tensor's device; channels are
-    dim -4 (``[C, T, H, W]`` or ``[B, C, T, H, W]``). The same operations, in the same order, as
-    torchvision's ``to_dtype(scale=True)`` + ``normalize``, so the result equals the float path's."""
-    if video.dtype != torch.uint8 or video.ndim < 4 or video.shape[-4] != len(mean):
-        raise ValueError(
-            f"video must be uint8 [..., {len(mean)}, T, H, W], got {video.dtype} {tuple(video.shape)}"
-        )
-    m = torch.as_tensor(mean, dtype=torch.float32, device=video.device).view(-1, 1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=video.device).view(-1, 1, 1, 1)
-    return video.to(torch.float32).mul_(1.0 / 255).sub_(m).div_(s)
-
-
-def model_input(video: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A batch's video as the model takes it, on ``device``: uint8 pixels (the training loader's) are copied
-    there (a quarter of float32's bytes) and normalised there in float32 (under bf16 autocast the first
-    matmul casts; the pretraining target keeps float32 pixels); a floating video is already normalised
-    (the float path) and is only moved."""
-    video = video.to(device, non_blocking=True)
-    return normalize(video.contiguous()) if video.dtype == torch.uint8 else video
 
 
 def apply_crop(

@@ -28,8 +28,10 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as tvF
 
+from pipeline.checks import positive_int
 from pipeline.loader.decode import read_clip_frames
-from pipeline.loader.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.loader.normalize import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.loader.transforms import SAMPLING_RATE
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,16 +39,14 @@ class ViewSpec:
     """Which views to cut: ``clips`` temporal x ``crops`` spatial, each a ``num_frames`` x ``input_size``^2 clip."""
 
     num_frames: int = 16
-    sampling_rate: int = 4
+    sampling_rate: int = SAMPLING_RATE
     input_size: int = 224
     clips: int = 1
     crops: int = 1
 
     def __post_init__(self) -> None:
         for name in ("num_frames", "sampling_rate", "input_size", "clips", "crops"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"views.{name} must be an int >= 1, got {v!r}")
+            positive_int(f"views.{name}", getattr(self, name))
 
     @property
     def num_views(self) -> int:

@@ -70,7 +70,7 @@ def test_registry_and_overrides():
         ("img_size", 30, "divisible by patch_size"),
         ("num_frames", 5, "divisible by tubelet_size"),
         ("encoder_heads", 3, "encoder_width .* divisible by encoder_heads"),
-        ("mask_ratio", 1.0, r"mask_ratio must be in \(0, 1\)"),
+        ("mask_ratio", 1.0, r"mask_ratio must be a number in \(0, 1\)"),
         ("mask_ratio", 0.01, "masks no token"),
         ("drop_path_rate", -0.1, "drop_path_rate"),
         ("patch_size", 0, "patch_size must be a positive int"),

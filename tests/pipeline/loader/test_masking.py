@@ -1,10 +1,25 @@
 """Token masks (pipeline.loader.masking): exact counts, tube structure, uniformity, determinism, bad inputs; the one
-masked-count formula against independent arithmetic."""
+masked-count formula against independent arithmetic; mask types dispatched by table, an unknown one an error;
+the clip spec's decoder mask."""
 
+import numpy as np
 import pytest
 import torch
 
-from pipeline.loader.masking import ClipSpec, clip_masks, num_masked, random_mask, tube_mask
+from pipeline.loader import masking
+from pipeline.loader.decoder_masking import DECODER_MASK_TYPES, decoder_masks, running_cell_mask
+from pipeline.loader.masking import (
+    MASK_TYPES,
+    ClipSpec,
+    MaskKind,
+    check_mask_ratio,
+    clip_masks,
+    mask_kind,
+    num_masked,
+    random_mask,
+    token_grid,
+    tube_mask,
+)
 
 
 def test_tube_mask_is_constant_over_time_with_exact_ratio():
@@ -49,8 +64,11 @@ def test_generator_makes_masks_deterministic(fn):
     [
         ((0, 2, 4, 4, 0.5), "batch must be a positive int"),
         ((2, 2, 4.0, 4, 0.5), "h must be a positive int"),
-        ((2, 2, 4, 4, 1.0), r"ratio must be in \[0, 1\)"),
-        ((2, 2, 4, 4, -0.1), r"ratio must be in \[0, 1\)"),
+        ((2, 2, 4, 4, 1.0), r"mask ratio must be a number in \(0, 1\)"),
+        ((2, 2, 4, 4, -0.1), r"mask ratio must be a number in \(0, 1\)"),
+        ((2, 2, 4, 4, 0.0), r"mask ratio must be a number in \(0, 1\)"),
+        ((2, 2, 4, 4, True), r"mask ratio must be a number in \(0, 1\)"),
+        ((True, 2, 4, 4, 0.5), "batch must be a positive int"),
     ],
 )
 def test_mask_bad_inputs(args, message):
@@ -90,8 +108,14 @@ def test_clip_spec_validation_and_clip_masks():
         ClipSpec(num_frames=4, input_size=100, patch_size=16, tubelet_size=2)
     with pytest.raises(ValueError, match="mask_type must be one of"):
         ClipSpec(num_frames=4, input_size=32, patch_size=8, tubelet_size=2, mask_type="blocks")
-    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"mask_ratio must be a number in \(0, 1\)"):
         ClipSpec(num_frames=4, input_size=32, patch_size=8, tubelet_size=2, mask_ratio=1.0, mask_type="tube")
+    with pytest.raises(ValueError, match="mask_ratio must be 0 with mask_type 'none'"):
+        ClipSpec(num_frames=4, input_size=32, patch_size=8, tubelet_size=2, mask_ratio=0.5)
+    with pytest.raises(ValueError, match="masks no token of a 4x4 grid"):
+        ClipSpec(num_frames=4, input_size=32, patch_size=8, tubelet_size=2, mask_ratio=0.01, mask_type="tube")
+    with pytest.raises(ValueError, match="num_frames must be a positive int, got True"):
+        ClipSpec(num_frames=True, input_size=32, patch_size=8, tubelet_size=1)
     spec = ClipSpec(
         num_frames=4, input_size=32, patch_size=8, tubelet_size=2, mask_ratio=0.75, mask_type="tube"
     )
@@ -101,3 +125,61 @@ def test_clip_spec_validation_and_clip_masks():
     assert torch.equal(m[1:2], tube_mask(1, 2, 4, 4, 0.75, torch.Generator().manual_seed(1)))
     none = ClipSpec(num_frames=4, input_size=32, patch_size=8, tubelet_size=2)
     assert not clip_masks(none, gens).any()
+
+
+def _spec(**kw):
+    return ClipSpec(num_frames=4, input_size=32, patch_size=8, tubelet_size=2, **kw)
+
+
+def test_unknown_mask_type_is_an_error_never_a_fallback():
+    """The dispatch is the MASKS table: a type missing from it raises, naming the type, wherever it is used —
+    even on a spec whose validation was bypassed (before, anything not "tube" drew a random mask)."""
+    assert MASK_TYPES == tuple(masking.MASKS) == ("tube", "random")
+    with pytest.raises(ValueError, match="mask_type must be one of .* got 'block'"):
+        mask_kind("block")
+    spec = _spec(mask_ratio=0.5, mask_type="tube")
+    object.__setattr__(spec, "mask_type", "block")
+    with pytest.raises(ValueError, match="got 'block'"):
+        clip_masks(spec, [torch.Generator()])
+    with pytest.raises(ValueError, match="decoder_mask_type must be one of .* got 'cells'"):
+        decoder_masks((2, 4, 4), "cells", 0.5, [torch.Generator()])
+    assert DECODER_MASK_TYPES == ("none", "run_cell")
+
+
+def test_a_new_mask_type_is_one_table_entry(monkeypatch):
+    """Adding a mask type is a MASKS entry: its count and draw are what num_masked and clip_masks use."""
+
+    def corner(batch, t, h, w, ratio, generator):  # the first k tokens, a deterministic toy mask
+        k = round(ratio * t * h * w)
+        return (torch.arange(t * h * w) < k).expand(batch, -1)
+
+    monkeypatch.setitem(masking.MASKS, "corner", MaskKind(lambda t, h, w, r: round(r * t * h * w), corner))
+    monkeypatch.setattr(masking, "CLIP_MASK_TYPES", (*masking.CLIP_MASK_TYPES, "corner"))
+    spec = _spec(mask_ratio=0.25, mask_type="corner")
+    assert spec.num_masked == num_masked(2, 4, 4, 0.25, "corner") == 8
+    m = clip_masks(spec, [torch.Generator()] * 2)
+    assert m.shape == (2, 32) and m[:, :8].all() and not m[:, 8:].any()
+
+
+def test_clip_spec_carries_the_decoder_mask():
+    spec = _spec(mask_ratio=0.75, mask_type="tube", decoder_mask_type="run_cell", decoder_mask_ratio=0.5)
+    assert spec.num_masked == 24 and spec.num_decoded == 16  # run_cell 0.5 keeps half of the 32 tokens
+    assert _spec(mask_ratio=0.75, mask_type="tube").num_decoded == 24  # no decoder mask: every masked token
+    g = torch.Generator().manual_seed(3)
+    got = decoder_masks(spec.token_grid, spec.decoder_mask_type, spec.decoder_mask_ratio, [g])
+    assert torch.equal(got, running_cell_mask(1, 2, 4, 4, 0.5, torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="decoder_mask_type 'run_cell' needs an encoder mask type"):
+        _spec(decoder_mask_type="run_cell", decoder_mask_ratio=0.5)
+    with pytest.raises(ValueError, match="decoder_mask_ratio must be 0 with decoder_mask_type 'none'"):
+        _spec(mask_ratio=0.75, mask_type="tube", decoder_mask_ratio=0.5)
+    with pytest.raises(ValueError, match="needs an even token grid"):
+        ClipSpec(num_frames=4, input_size=24, patch_size=8, tubelet_size=2, mask_ratio=0.75, mask_type="tube",
+                 decoder_mask_type="run_cell", decoder_mask_ratio=0.5)  # fmt: skip
+
+
+def test_token_grid_and_the_mask_ratio_check():
+    assert token_grid(16, 224, 16, 2) == (8, 14, 14) and token_grid(4, 32, 8, 1) == (4, 4, 4)
+    assert check_mask_ratio(0.9) == 0.9 and isinstance(check_mask_ratio(np.float64(0.5)), float)
+    for bad in (0, 1, 1.5, -0.2, True, "0.5", None):
+        with pytest.raises(ValueError, match=r"^r must be a number in \(0, 1\), got "):
+            check_mask_ratio(bad, name="r")
