@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
+
+from jobs.config import describe
 
 # name -> (module, one-line help). Order is the order of the workflow.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -70,8 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def show_config(cls: type) -> str:
     """Every key of a command's config with its type, default and meaning, one per line."""
-    from jobs.config import describe
-
     rows = describe(cls)
     width = max(len(k) for k, *_ in rows)
     lines = [f"{k:<{width}}  {t:<14} default {d}" + (f"  # {note}" if note else "") for k, t, d, note in rows]
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     module_name, help_text = COMMANDS[name]
     if not _available(module_name):
         parser.error(f"command {name!r} is not available in this build")
-    module = importlib.import_module(module_name)
+    module = importlib.import_module(module_name)  # lazily: `vmae --help` imports no ray or torch
     cmd_parser = argparse.ArgumentParser(
         prog=f"vmae {name}", description=help_text,
         epilog=f"vmae {name} --show-config lists every config key" if hasattr(module, "CONFIG_CLASS") else None,

@@ -1,10 +1,10 @@
 """``vmae submit / status / logs / stop``: run any vmae subcommand on a Ray cluster as a Ray job.
 
-Why Ray Jobs and not ``ray.init("ray://...")``: the driver then runs *on* the cluster, next to the data and
-the GPUs, and survives the laptop closing its lid. The project source travels as a ``working_dir`` (minus
-the virtualenv, git history and run outputs, which would otherwise make the upload gigabytes), object
-storage credentials travel as ``env_vars`` unless the cluster has its own (Kubernetes Secret, IRSA,
-instance profile; see infra/README.md).
+Why Ray Jobs and not a Ray Client connection (a ``ray://`` address): the driver then runs *on* the cluster,
+next to the data and the GPUs, and survives the laptop closing its lid. The project source travels as a
+``working_dir`` (minus the virtualenv, git history and run outputs, which would otherwise make the upload
+gigabytes), object storage credentials travel as ``env_vars`` unless the cluster has its own (Kubernetes
+Secret, IRSA, instance profile; see infra/README.md).
 
 Exit codes: 0 the job SUCCEEDED, 1 FAILED (or the head is unreachable / the job unknown), 2 bad flags,
 3 STOPPED, 130 interrupted while following (the job keeps running).
@@ -22,12 +22,14 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.runtime_env import RuntimeEnv
+
+from jobs.cli import COMMANDS
 from jobs.config import from_dict
-
-if TYPE_CHECKING:
-    from ray.job_submission import JobStatus, JobSubmissionClient
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -147,8 +149,6 @@ def build_runtime_env(cfg: SubmitConfig, environ: Mapping[str, str] = os.environ
     ``env_vars``: PYTHONUNBUFFERED (logs stream line by line), the locally set :data:`PASSTHROUGH_ENV`
     (unless ``pass_aws_env`` is off), then ``cfg.env`` which wins.
     """
-    from ray.runtime_env import RuntimeEnv
-
     env_vars = {"PYTHONUNBUFFERED": "1"}
     if cfg.pass_aws_env:
         env_vars.update({k: environ[k] for k in PASSTHROUGH_ENV if environ.get(k)})
@@ -179,8 +179,6 @@ def build_entrypoint(command: Sequence[str], *, raw: bool = False, python: str =
         raise ValueError("no command given: put the vmae subcommand after `--`, e.g. -- model-info")
     if raw:
         return shlex.join(args)
-    from jobs.cli import COMMANDS
-
     cluster_commands = sorted(set(COMMANDS) - {"submit", "status", "logs", "stop"})
     if args[0] not in cluster_commands:
         raise ValueError(
@@ -192,8 +190,6 @@ def build_entrypoint(command: Sequence[str], *, raw: bool = False, python: str =
 def connect(address: str, *, timeout_s: float = 10.0) -> JobSubmissionClient:
     """A Jobs API client for ``address``; raises :class:`ClusterUnreachableError` with a hint when the
     dashboard does not answer within ``timeout_s`` seconds (the client itself could hang on a silent host)."""
-    from ray.job_submission import JobSubmissionClient
-
     parsed = urllib.parse.urlsplit(address)
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     hint = (
@@ -415,8 +411,6 @@ def _run(name: str, args: argparse.Namespace) -> int:
 
 def run_command(name: str, args: argparse.Namespace) -> int:
     """Run ``vmae <name>``; user-facing failures become one line on stderr and exit code 1."""
-    from ray.exceptions import AuthenticationError
-
     try:
         return _run(name, args)
     except ValueError as e:  # bad flags or command: say which, no traceback

@@ -25,10 +25,12 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import ray
 from tqdm import tqdm
 
 from jobs.config import load_config, save_config, to_dict
-from jobs.data.shard import RayConfig, _bounded_map, _init_ray  # one way to start Ray and bound tasks
+from jobs.data.curate_report import write_report
+from jobs.ray_utils import RayConfig, bounded_map, default_in_flight, init_ray
 from pipeline import storage
 from pipeline.curation.quality import CURATION_SCHEMA, QualityConfig, curate_shard, duplicate_groups
 from pipeline.ingest import manifest
@@ -87,8 +89,6 @@ def summarize(table: pa.Table) -> dict:
 
 def run_curation(manifest_url: str, output: str, cfg: CurateConfig, *, address: str | None = None) -> dict:
     """Curate the shard set at ``manifest_url`` into ``curation_url(output)``; returns the summary."""
-    import ray
-
     m = manifest.read_manifest(manifest_url)
     out_url = curation_url(output)
     storage.check_bucket(out_url)
@@ -102,13 +102,13 @@ def run_curation(manifest_url: str, output: str, cfg: CurateConfig, *, address: 
             raise OSError(f"curating {args[0]} failed: {' '.join(str(cause).split())[:300]}") from result
         results[args[0]] = result
 
-    started = _init_ray(cfg.ray, address)
+    started = init_ray(address, new_local=True, num_cpus=cfg.ray.num_cpus, include_dashboard=False)
     try:
         task = ray.remote(num_cpus=cfg.ray.task_cpus)(curate_shard)
-        cap = cfg.ray.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        cap = default_in_flight(cfg.ray)
         with tqdm(total=len(urls), desc="curate", unit="shard", disable=None) as bar:
             args = [(m.shard_url(s), cfg.quality, None, tuple(s.keys)) for s in m.shards]
-            _bounded_map(task, args, cap, bar, done)
+            bounded_map(task, args, cap, bar, done)
     finally:
         if started:
             ray.shutdown()
@@ -153,8 +153,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.data.curate_report import write_report
-
     cfg = load_config(CurateConfig, args.config, args.overrides)
     if not args.report_only:
         if not args.shards:

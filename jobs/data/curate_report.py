@@ -20,6 +20,7 @@ import re
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
 from pipeline import storage
 from pipeline.curation.quality import read_frames
@@ -42,25 +43,18 @@ WORST = (  # (column, which end is worst)
 )  # fmt: skip
 
 
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()
 
 
 def histograms(df: pd.DataFrame, columns: list[tuple[str, str]]) -> bytes:
     """One PNG with a histogram per metric (decodable clips only; NaN left out)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cols = 3
     rows = max(1, math.ceil(len(columns) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    fig = Figure(figsize=(4 * cols, 2.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (name, caption) in zip(axes.flat, columns, strict=False):
         values = pd.to_numeric(df[name], errors="coerce").dropna().to_numpy(float)
         ax.hist(values, bins=min(30, max(5, len(values) // 3)), color="#4477aa")
@@ -74,13 +68,9 @@ def histograms(df: pd.DataFrame, columns: list[tuple[str, str]]) -> bytes:
 
 def strip(thumbs: list[tuple[str, np.ndarray]], title: str) -> bytes:
     """A row of captioned thumbnails ``(caption, frame [H, W, 3] uint8)``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = max(1, len(thumbs))
-    fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 2.0), squeeze=False)
+    fig = Figure(figsize=(1.6 * n, 2.0))
+    axes = fig.subplots(1, n, squeeze=False)
     for ax, (caption, frame) in zip(axes[0], thumbs, strict=False):
         ax.imshow(frame)
         ax.set_title(caption, fontsize=6)

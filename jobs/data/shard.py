@@ -22,13 +22,14 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import pyarrow as pa
+import ray
 from tqdm import tqdm
 
 from jobs.config import load_config, save_config, to_dict
+from jobs.ray_utils import RayConfig, bounded_map, default_in_flight, init_ray
 from pipeline import storage
 from pipeline.ingest import manifest as mf
 from pipeline.ingest import shards as sh
@@ -42,23 +43,6 @@ REJECTS_SCHEMA = pa.schema([("source", pa.string()), ("stage", pa.string()), ("e
 class JobFailed(RuntimeError):
     """The job stopped without committing (the environment failed, or inputs failed for transient reasons);
     the message says why and how to resume. Finished work is cached in ``_work/``."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RayConfig:
-    num_cpus: int | None = None  # local cluster size (None: all cores); ignored with --address
-    max_in_flight: int = 0  # tasks submitted but not finished; 0: 2 x cluster CPUs
-    task_cpus: float = 1.0
-    task_timeout_s: float = 600.0  # a video's probe + transcode (from submission) past this is a reject
-    max_transient_failures: int = 10  # stop early after this many inputs failed to read (store down?)
-
-    def __post_init__(self) -> None:
-        if self.num_cpus is not None and self.num_cpus < 1:
-            raise ValueError(f"ray.num_cpus must be >= 1 or null, got {self.num_cpus}")
-        if self.max_in_flight < 0 or self.task_cpus <= 0:
-            raise ValueError(f"ray.max_in_flight must be >= 0 and ray.task_cpus > 0, got {self}")
-        if not self.task_timeout_s > 0 or self.max_transient_failures < 1:
-            raise ValueError("ray.task_timeout_s must be > 0 and ray.max_transient_failures >= 1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -123,69 +107,6 @@ def fingerprint(cfg: ShardJobConfig, listing: Listing) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _init_ray(rcfg: RayConfig, address: str | None) -> bool:
-    """Start or join Ray; True when this call started it (and so must shut it down).
-
-    ``--address``, else ``$RAY_ADDRESS`` (set for a driver running as a Ray job), else a new local cluster
-    of ``ray.num_cpus`` (``address="local"``: never silently join some other cluster on this machine)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # no credentials in runtime_env (Ray keeps it in job metadata and logs): tasks get them in their
-    # StorageConfig argument (``resolved_storage``)
-    kwargs: dict[str, Any] = {"include_dashboard": False}
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(address="local", num_cpus=rcfg.num_cpus, **kwargs)
-    return True
-
-
-def _bounded_map(
-    fn: Callable,
-    args: Iterable[tuple],
-    cap: int,
-    bar: tqdm,
-    on_done: Callable,
-    *,
-    timeout_s: float | None = None,
-) -> None:
-    """Run ``fn.remote(*a)`` over ``args`` with at most ``cap`` tasks in flight; ``on_done(a, result_or_exc)``.
-    A task not finished ``timeout_s`` after its submission is cancelled and reported as a ``TimeoutError``.
-    ``on_done`` may raise to stop the map: the tasks still in flight are cancelled."""
-    import ray
-
-    pending: dict[Any, tuple[tuple, float]] = {}
-    it = iter(args)
-    try:
-        while True:
-            while len(pending) < cap and (a := next(it, None)) is not None:
-                pending[fn.remote(*a)] = (a, time.monotonic())
-            if not pending:
-                return
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0 if timeout_s else None)
-            for ref in done:
-                a, _ = pending.pop(ref)
-                try:
-                    result: Any = ray.get(ref)
-                except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as e:
-                    result = e
-                on_done(a, result)
-                bar.update()
-            if timeout_s:
-                now = time.monotonic()
-                for ref in [r for r, (_, t) in pending.items() if now - t > timeout_s]:
-                    a, _ = pending.pop(ref)
-                    ray.cancel(ref, force=True)
-                    on_done(a, TimeoutError(f"took longer than ray.task_timeout_s={timeout_s:g} s"))
-                    bar.update()
-    finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-
-
 def shard(
     input_url: str,
     output_url: str,
@@ -195,8 +116,6 @@ def shard(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the shard job; returns the stats written into the manifest (plus ``noop`` when nothing ran)."""
-    import ray
-
     t0 = time.time()
     output_url = output_url.rstrip("/")
     st = resolved_storage(cfg.storage)
@@ -220,9 +139,9 @@ def shard(
         storage.retry(lambda: fs.rm(path), cfg=st)
     save_config(cfg, output_url, storage_cfg=st)
     work_url = storage.join(output_url, sh.WORK_DIR)
-    started = _init_ray(cfg.ray, address)
+    started = init_ray(address, new_local=True, num_cpus=cfg.ray.num_cpus, include_dashboard=False)
     try:
-        cap = cfg.ray.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        cap = default_in_flight(cfg.ray)
         records = _prepare_all(listing, work_url, cfg, st, cap)
         samples = _samples(listing, records, work_url, cfg)
         written = _write_all(sh.plan_shards(samples, cfg.shards), output_url, work_url, cfg, st, cap)
@@ -269,8 +188,6 @@ def _prepare_all(
     """key -> prepare_sample record for every listed source. Raises :class:`JobFailed` on an environment
     failure, or when inputs failed to read (at once past ``ray.max_transient_failures``, else at the end):
     a run with such failures never commits."""
-    import ray
-
     task = ray.remote(sh.prepare_sample).options(num_cpus=cfg.ray.task_cpus, max_retries=1)
     records: dict[str, dict] = {}
     rejected = collections.Counter()
@@ -307,7 +224,7 @@ def _prepare_all(
         bar.set_postfix(rejected=rejected[True], refresh=False)
 
     try:
-        _bounded_map(task, ((item, work_url, cfg.transcode, st) for item in listing.items), cap, bar, done,
+        bounded_map(task, ((item, work_url, cfg.transcode, st) for item in listing.items), cap, bar, done,
                      timeout_s=cfg.ray.task_timeout_s)  # fmt: skip
     finally:
         bar.close()
@@ -358,8 +275,6 @@ def _write_all(
 
     A shard counts as complete when its sidecar ``_work/shards/{name}.json`` (written after the shard)
     records the same plan digest and the shard exists."""
-    import ray
-
     results: list[Any] = [None] * len(plan)
     todo = []
     for i, samples in enumerate(plan):
@@ -388,7 +303,7 @@ def _write_all(
         results[i] = (info, spans, False)
 
     jobs = ((samples, storage.join(output_url, name), cfg.shards, st) for _, samples, name, _, _ in todo)
-    _bounded_map(task, jobs, cap, bar, done)
+    bounded_map(task, jobs, cap, bar, done)
     bar.close()
     return results
 

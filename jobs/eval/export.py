@@ -19,11 +19,13 @@ import dataclasses
 import sys
 
 from jobs.config import apply_overrides, from_dict
+from jobs.train.checkpointing import load_any_checkpoint
+from model.checkpoint import FORMATS, save_checkpoint
+from model.config import VideoMAEConfig, get_config
+from pipeline import storage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from model.checkpoint import FORMATS
-
     parser.add_argument(
         "checkpoint", help="checkpoint to read: directory, .pth file or run directory (any URL)"
     )
@@ -44,9 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _cfg(args: argparse.Namespace):
-    from model.config import VideoMAEConfig, get_config
-
+def _cfg(args: argparse.Namespace) -> VideoMAEConfig | None:
     if args.model is None:
         if args.overrides:
             raise ValueError("--set needs --model")
@@ -56,10 +56,6 @@ def _cfg(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.train.checkpointing import load_any_checkpoint
-    from model.checkpoint import save_checkpoint
-    from pipeline import storage
-
     try:
         if storage.exists(args.output):  # never mix two checkpoints in one directory
             raise ValueError(f"output {args.output!r} already exists")

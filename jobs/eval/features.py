@@ -17,13 +17,20 @@ import dataclasses
 import logging
 from typing import Any
 
+import ray
 import torch
+from ray.util import ActorPool
 from torch import nn
 from tqdm import tqdm
 
+from jobs.ray_utils import init_ray
 from jobs.train.checkpointing import load_any_checkpoint
+from model.videomae import time_pool
 from pipeline import storage
-from pipeline.loader.views import ViewSpec
+from pipeline.loader.config import LoaderConfig
+from pipeline.loader.decode import BadSample, iter_shard, parse_label
+from pipeline.loader.plan import load_shards
+from pipeline.loader.views import ViewSpec, video_views
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +63,6 @@ class FeaturesSection:
 
 def pool_features(model: nn.Module, video_BCTHW: torch.Tensor, pool: str = "mean") -> torch.Tensor:
     """Frozen clip features of a batch of views: ``[B, D]`` (``mean``) or ``[B, T'*D]`` (``time``)."""
-    from model.videomae import time_pool
-
     if pool not in FEATURE_POOLS:
         raise ValueError(f"pool must be one of {FEATURE_POOLS}, got {pool!r}")
     if pool == "mean":
@@ -65,7 +70,7 @@ def pool_features(model: nn.Module, video_BCTHW: torch.Tensor, pool: str = "mean
     return time_pool(model.forward_tokens(video_BCTHW), model.cfg.grid[0])
 
 
-def _shard_features(
+def shard_features(
     model: nn.Module,
     url: str,
     keys: list[str],
@@ -77,9 +82,6 @@ def _shard_features(
     pool: str = "mean",
 ) -> dict[str, Any]:
     """Features of the ``keys`` of one shard: ``{"keys", "labels", "feats" [n, V, D], "skipped"}``."""
-    from pipeline.loader.decode import BadSample, iter_shard, parse_label
-    from pipeline.loader.views import video_views
-
     out_keys, labels, feats, skipped, errors = [], [], [], [], []
     pending: list[torch.Tensor] = []
 
@@ -139,7 +141,7 @@ class _Extractor:
         self.batch_size = batch_size
 
     def shard(self, url: str, keys: list[str], views: ViewSpec, cfg: Any, pool: str) -> dict[str, Any]:
-        return _shard_features(
+        return shard_features(
             self.model,
             url,
             keys,
@@ -176,10 +178,7 @@ class FeatureExtractor:
             self.device = "cuda" if use_gpu is not False and torch.cuda.is_available() else "cpu"
             self.model = model.eval().to(self.device)
             return
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False)
+        init_ray(include_dashboard=False)
         gpu = bool(ray.cluster_resources().get("GPU", 0)) if use_gpu is None else use_gpu
         remote = ray.remote(num_cpus=cpus_per_actor, num_gpus=1 if gpu else 0)(_Extractor)
         source = ray.put(model_or_url) if isinstance(model_or_url, nn.Module) else model_or_url
@@ -190,8 +189,6 @@ class FeatureExtractor:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import ray
-
         for a in self.actors:
             ray.kill(a)
         self.actors = []
@@ -204,19 +201,15 @@ class FeatureExtractor:
         pool = pool or self.pool
         if pool not in FEATURE_POOLS:
             raise ValueError(f"pool must be one of {FEATURE_POOLS}, got {pool!r}")
-        from pipeline.loader.loader import LoaderConfig, load_shards
-
         shards = load_shards(LoaderConfig(manifest=split.manifest, subset=split.subset, storage=self.scfg))
         bar = tqdm(total=len(shards), desc=f"features {views.name}", unit="shard", disable=None)
         results = []
         if not self.actors:
             for s in shards:
                 kw = dict(batch_size=self.batch_size, device=self.device, cfg=self.scfg, pool=pool)
-                results.append(_shard_features(self.model, s.url, list(s.keys), views, **kw))
+                results.append(shard_features(self.model, s.url, list(s.keys), views, **kw))
                 bar.update()
         else:
-            from ray.util import ActorPool
-
             calls = ActorPool(self.actors).map_unordered(
                 lambda a, s: a.shard.remote(s.url, list(s.keys), views, self.scfg, pool), shards
             )

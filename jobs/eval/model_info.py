@@ -16,11 +16,17 @@ import json
 import sys
 
 from jobs.config import apply_overrides, from_dict
+from model.config import CONFIGS, VideoMAEConfig, get_config
+from model.flops import (
+    classifier_forward_flops,
+    classifier_param_count,
+    param_counts,
+    pretrain_forward_flops,
+    pretrain_train_flops,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from model.config import CONFIGS
-
     parser.add_argument("--model", default="vit_b", choices=sorted(CONFIGS), help="model config name")
     parser.add_argument("--mask-ratio", type=float, default=None, help="override the config's mask ratio")
     parser.add_argument(
@@ -35,16 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
-def model_info(cfg, num_classes: int) -> dict:
+def model_info(cfg: VideoMAEConfig, num_classes: int) -> dict:
     """All numbers ``vmae model-info`` prints, as a dict (FLOPs per clip; 2 FLOPs per multiply-add)."""
-    from model.flops import (
-        classifier_forward_flops,
-        classifier_param_count,
-        param_counts,
-        pretrain_forward_flops,
-        pretrain_train_flops,
-    )
-
     params = param_counts(cfg)
     t, h, w = cfg.grid
     full = dataclasses.replace(cfg, decoder_mask_type="none", decoder_mask_ratio=0.0)
@@ -68,8 +66,6 @@ def model_info(cfg, num_classes: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.config import VideoMAEConfig, get_config
-
     base = dataclasses.asdict(get_config(args.model))
     overrides = list(args.overrides)
     if args.mask_ratio is not None:

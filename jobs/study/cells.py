@@ -19,12 +19,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from typing import Any
 
-from jobs.config import load_config
+import torch
+
+from jobs.config import from_dict, load_config, to_dict
+from jobs.eval.eval import EvalConfig, SplitSection, evaluate
 from jobs.study.data import JobRef, TargetInfo, resolve_path
 from jobs.train.config import FinetuneConfig, PretrainConfig
+from jobs.train.finetune import FinetuneTask
+from jobs.train.launch import export_url, local_log_dir, run_exists
+from jobs.train.lineage import code_version
+from jobs.train.metrics import read_metrics
+from jobs.train.pretrain import PretrainTask, fit
+from jobs.train.trainer import run_local
+from model import VideoMAE, save_checkpoint
 from pipeline import storage
 
 PRETRAIN_DONE = "pretrain.json"
@@ -47,11 +58,6 @@ def _tail_loss(recs: dict[int, dict[str, Any]]) -> float | None:
 def pretrain_stage(pcfg: PretrainConfig, init: str, launcher: str = "train") -> dict[str, Any]:
     """Run (or find) one pretraining run and its exported model; returns its ``pretrain.json`` record
     (``checkpoint``, ``steps``, ``final_loss``, ``wall_s``, ``train_s``, ``overhead_s``, ``recon_png``)."""
-    import os
-
-    from jobs.train.launch import export_url, local_log_dir, run_exists
-    from jobs.train.metrics import read_metrics
-
     done_url = storage.join(pcfg.run_url, PRETRAIN_DONE)
     if (done := _read_done(done_url)) is not None:
         return {**done, "ran": False}
@@ -60,13 +66,8 @@ def pretrain_stage(pcfg: PretrainConfig, init: str, launcher: str = "train") -> 
                             "checkpoint": export_url(pcfg), "train_s": 0.0}  # fmt: skip
     if init == "pretrained":
         if launcher == "train":
-            from jobs.train.pretrain import fit
-
             fit(pcfg, resume=run_exists(pcfg))
         else:
-            from jobs.train.pretrain import PretrainTask
-            from jobs.train.trainer import run_local
-
             run_local(PretrainTask(pcfg), run_url=pcfg.run_url, log_dir=local_log_dir(pcfg),
                       export_url=export_url(pcfg), device="cpu")  # fmt: skip
         if not storage.exists(storage.join(info["checkpoint"], DONE)):
@@ -82,12 +83,6 @@ def pretrain_stage(pcfg: PretrainConfig, init: str, launcher: str = "train") -> 
                     train_s=last.get("elapsed_s", 0.0),
                     recon_png=os.path.join(images, pngs[-1]) if pngs else None)  # fmt: skip
     else:
-        import torch
-
-        from jobs.config import to_dict
-        from jobs.train.lineage import code_version
-        from model import VideoMAE, save_checkpoint
-
         torch.manual_seed(pcfg.seed)  # the trainer's initialisation, so scratch = a run's step 0
         lineage = {"code": code_version(), "init": f"scratch (torch seed {pcfg.seed})", "shards": None,
                    "subset": None, "config": storage.redact(to_dict(pcfg))}  # fmt: skip
@@ -122,8 +117,6 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:  # fmt: skip
     """``jobs.eval.eval.evaluate`` of ``checkpoint`` on the target's test split (and with ``train``, a linear
     probe and kNN fitted on the labelled split); ``train``/``test`` are (manifest, subset) pairs."""
-    from jobs.eval.eval import EvalConfig, SplitSection, evaluate
-
     cfg = load_config(
         EvalConfig, resolve_path(ref.config) if ref.config else None, overrides, checkpoint=checkpoint,
         output=output, test=SplitSection(manifest=test[0], subset=test[1]),
@@ -137,11 +130,6 @@ def finetune_eval_stage(job: dict[str, Any]) -> dict[str, Any]:
     """Finetune + evaluate one (cell, seed); ``job`` holds plain values (it crosses into a Ray task):
     ``finetune`` (a resolved FinetuneConfig dict or None), ``encoder`` (the pretrained/scratch export),
     ``eval`` ref and overrides, the target's splits, ``out`` (where the evals go). Returns metrics, timings."""
-    from jobs.config import from_dict
-    from jobs.train.finetune import FinetuneTask
-    from jobs.train.launch import export_url, local_log_dir
-    from jobs.train.trainer import run_local
-
     out: dict[str, Any] = {"metrics": {}, "finetune_wall_s": 0.0}
     ref = JobRef(**job["eval"])
     test, train = tuple(job["test"]), tuple(job["train"])

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -31,12 +32,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.config import load_config, to_dict
+from jobs.data.curate import CurateConfig, run_curation
+from jobs.data.embed import EmbedConfig, embeddings_url, run_embed
+from jobs.data.shard import ShardJobConfig, shard
+from jobs.train.config import PretrainConfig
 from pipeline import storage
 from pipeline.curation.subset import SubsetRule, make_subset, random_rank, select
-from pipeline.curation.synth import SUMMARY_NAME, SynthConfig
+from pipeline.curation.synth import SUMMARY_NAME, SynthConfig, synthesize
 from pipeline.ingest import manifest as mf
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# runs (or finds) a pretraining run and returns its record, ``checkpoint`` the URL of its exported model
+# (``jobs.study.cells.pretrain_stage``, passed in: the cells import this module, not the reverse)
+Pretrain = Callable[[PretrainConfig], dict[str, Any]]
 
 
 def digest(obj: Any) -> str:
@@ -281,15 +290,11 @@ def _job_cfg(cls: type, ref: JobRef, extra: tuple[str, ...] = ()) -> Any:
 
 def embed_stage(
     emb: EmbedSection, manifest_url: str, root: str, curation_sha256: str, subsets: dict[str, SubsetInfo],
-    launcher: str = "train",
+    pretrain: Pretrain | None = None,
 ) -> tuple[str, str]:  # fmt: skip
     """Make (or find) the embeddings table of the shard set: pretrain the curation model on subset
-    ``emb.subset`` with the study's pretraining stage (``launcher``: ``train`` | ``local``), or take
-    ``emb.checkpoint``, then embed every clip. Returns ``(url, sha256 of the table)``."""
-    from jobs.data.embed import EmbedConfig, embeddings_url, run_embed
-    from jobs.study.cells import pretrain_stage
-    from jobs.train.config import PretrainConfig
-
+    ``emb.subset`` with the study's pretraining stage ``pretrain``, or take ``emb.checkpoint``, then embed
+    every clip. Returns ``(url, sha256 of the table)``."""
     ecfg, pcfg = _job_cfg(EmbedConfig, emb), None
     if emb.pretrain is not None:
         pcfg, sub = _job_cfg(PretrainConfig, emb.pretrain), subsets[emb.subset]
@@ -306,20 +311,20 @@ def embed_stage(
     out = storage.join(root, "embed", f"embeddings-{digest([curation_sha256, model, to_dict(ecfg)])[:12]}")
     url = embeddings_url(out)
     if not storage.exists(url):  # the table is written last
-        ckpt = emb.checkpoint if pcfg is None else pretrain_stage(pcfg, "pretrained", launcher)["checkpoint"]
+        if pcfg is not None and pretrain is None:
+            raise TypeError(
+                "data.embed.pretrain: prepare_data needs the study's pretraining stage (pretrain=)"
+            )
+        ckpt = emb.checkpoint if pcfg is None else pretrain(pcfg)["checkpoint"]
         run_embed(ckpt, manifest_url, out, ecfg)
     return url, hashlib.sha256(storage.read_bytes(url)).hexdigest()
 
 
-def prepare_data(cfg: DataConfig, root: str, *, launcher: str = "train") -> PreparedData:
+def prepare_data(cfg: DataConfig, root: str, *, pretrain: Pretrain | None = None) -> PreparedData:
     """Make (or find) everything the cells read: the shard set, its curation, each target split and subset
-    (and the embeddings, when a subset rule reads them; ``launcher`` pretrains their model)."""
-    from jobs.data.curate import CurateConfig, run_curation
-    from jobs.data.shard import ShardJobConfig, shard
-
+    (and the embeddings, when a subset rule reads them; ``pretrain`` trains their model, as the study's
+    pretraining stage)."""
     if cfg.synth is not None:
-        from pipeline.curation.synth import synthesize
-
         raw = storage.join(root, f"raw-{digest(to_dict(cfg.synth))[:12]}")
         if not storage.exists(storage.join(raw, SUMMARY_NAME)):  # synth.json is written last
             synthesize(cfg.synth, raw)
@@ -370,7 +375,7 @@ def prepare_data(cfg: DataConfig, root: str, *, launcher: str = "train") -> Prep
     # plain rules first: the curation model is pretrained on one of them
     for rule in sorted(cfg.subsets, key=lambda r: bool(r.embedding_columns)):
         if rule.embedding_columns and emb_url is None:
-            emb_url, emb_sha = embed_stage(cfg.embed, manifest_url, shards, cur_hash, subsets, launcher)
+            emb_url, emb_sha = embed_stage(cfg.embed, manifest_url, shards, cur_hash, subsets, pretrain)
         ident = [cur_hash, rule.to_dict()] + ([sorted(exclude)] if exclude else [])
         ident += [emb_sha] if rule.embedding_columns else []  # another embeddings table: another subset
         url = storage.join(shards, "subsets", f"{rule.name}-{digest(ident)[:12]}.parquet")

@@ -20,12 +20,15 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
 from jobs.train.lineage import flat as lineage_columns
 from pipeline import storage
 from pipeline.ingest import manifest as mf
 
-NAMED = ("subset", "target", "init", "mask_ratio", "mask_type")
+# a study's named cell parameters (jobs.study.study: grid axes, cells, findings): each a column of the results;
+# any other parameter is a <job>.<key> override
+NAMED_PARAMS = ("subset", "target", "init", "mask_ratio", "mask_type")
 
 
 def results_frame(results: list[dict[str, Any]]) -> pd.DataFrame:
@@ -34,7 +37,7 @@ def results_frame(results: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for r in results:
         p, s, t, pre = r["params"], r["subset"], r["target"], r["pretrain"]
-        extra = {k: v for k, v in p.items() if k not in NAMED}
+        extra = {k: v for k, v in p.items() if k not in NAMED_PARAMS}
         row = {
             "cell_id": r["cell_id"], "eval_id": r.get("eval_id", r["cell_id"]), "seed": int(r.get("seed", 0)), "subset": p["subset"], "target": p["target"],
             "init": p["init"], "mask_ratio": float("nan") if p.get("mask_ratio") is None else float(p["mask_ratio"]),
@@ -113,7 +116,7 @@ def _matching(df: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
     if "init" not in params and any(k in PRETRAIN_PARAMS for k in params):
         mask &= df["init"] != "scratch"
     for k, v in params.items():
-        if k in NAMED:
+        if k in NAMED_PARAMS:
             col = df[k]
             mask &= (col - float(v)).abs() < 1e-9 if k == "mask_ratio" else col == v
         else:
@@ -198,7 +201,7 @@ def markdown_report(df: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
     return "\n".join(lines) + "\n"
 
 
-def _png(fig: Any) -> bytes:
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     return buf.getvalue()
@@ -206,16 +209,11 @@ def _png(fig: Any) -> bytes:
 
 def make_plots(summary: pd.DataFrame, metrics: list[str]) -> dict[str, bytes]:
     """PNG bytes of each plot that applies (see the module docstring), keyed by plot name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out: dict[str, bytes] = {}
     if not metrics or summary.empty:
         return out
-    fig, axes = plt.subplots(1, len(metrics), figsize=(max(5.0, 0.9 * len(summary)) * len(metrics) / 1.5, 4.2),
-                             squeeze=False, layout="constrained")  # fmt: skip
+    fig = Figure(figsize=(max(5.0, 0.9 * len(summary)) * len(metrics) / 1.5, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, m in zip(axes[0], metrics, strict=True):
         xs = range(len(summary))
         ax.bar(xs, summary[f"{m}.mean"], yerr=summary[f"{m}.std"].fillna(0), capsize=4,
@@ -228,11 +226,10 @@ def make_plots(summary: pd.DataFrame, metrics: list[str]) -> dict[str, bytes]:
         ax.set_ylabel(f"{m} (mean ± std over seeds)")
         ax.grid(alpha=0.3, axis="y")
     out["summary"] = _png(fig)
-    plt.close(fig)
     pre = summary[summary["init"] != "scratch"].dropna(subset=["mask_ratio"])
     if pre["mask_ratio"].nunique() >= 2:
-        fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False,
-                                 layout="constrained")  # fmt: skip
+        fig = Figure(figsize=(5.5 * len(metrics), 3.8), layout="constrained")
+        axes = fig.subplots(1, len(metrics), squeeze=False)
         for ax, m in zip(axes[0], metrics, strict=True):
             for kind, g in pre.groupby("mask_type", sort=True):
                 g = g.sort_values("mask_ratio")
@@ -248,7 +245,6 @@ def make_plots(summary: pd.DataFrame, metrics: list[str]) -> dict[str, bytes]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         out["masking_ratio"] = _png(fig)
-        plt.close(fig)
     return out
 
 

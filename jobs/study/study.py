@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -32,16 +33,20 @@ import sys
 import time
 from typing import Any
 
+import ray
 from tqdm import tqdm
 
 from jobs.config import load_config, save_config, to_dict
+from jobs.ray_utils import init_ray
 from jobs.study.cells import finetune_config, finetune_eval_stage, pretrain_stage
 from jobs.study.data import DataConfig, JobRef, PreparedData, digest, prepare_data, resolve_path
+from jobs.study.report import NAMED_PARAMS, write_report
 from jobs.train.config import PretrainConfig
+from jobs.train.launch import export_url
 from pipeline import storage
+from pipeline.loader.masking import check_mask_ratio
 
 INITS = ("pretrained", "scratch")
-NAMED_PARAMS = ("subset", "target", "init", "mask_ratio", "mask_type")
 PREFIXES = ("pretrain", "finetune", "eval")
 RESULT_NAME = "result.json"
 LAUNCHERS = ("train", "local")
@@ -163,9 +168,8 @@ class StudyConfig:
                 raise ValueError(f"grid: target {cell['target']!r} is not in data.targets {sorted(targets)}")
             if cell["init"] not in INITS:
                 raise ValueError(f"grid: init must be one of {INITS}, got {cell['init']!r}")
-            m = cell["mask_ratio"]
-            if m is not None and (isinstance(m, bool) or not isinstance(m, int | float) or not 0 < m < 1):
-                raise ValueError(f"grid: mask_ratio must be a number in (0, 1), got {m!r}")
+            if cell["mask_ratio"] is not None:
+                check_mask_ratio(cell["mask_ratio"], name="grid: mask_ratio")
 
     @property
     def store(self) -> str:
@@ -242,8 +246,6 @@ def resolve_cell(cfg: StudyConfig, params: dict[str, Any], data: PreparedData, s
     pretrain_id = f"{params['init']}-{digest(ident)[:12]}"
     runs = storage.join(cfg.store, "runs")
     pcfg = dataclasses.replace(pcfg, name=pretrain_id, storage_path=runs)
-    from jobs.train.launch import export_url
-
     encoder = export_url(pcfg)
     ft = None
     if cfg.finetune is not None:
@@ -315,8 +317,6 @@ def _with_credentials(fn: Any) -> Any:
 def _run_all(cfg: StudyConfig, runs: list[CellRun], data: PreparedData) -> tuple[list[dict], dict[str, int]]:
     """Pretraining runs first (``runner.parallel`` at a time); each finished one releases the finetune/eval
     tasks of its cells, which go ahead of the remaining pretraining runs."""
-    import ray
-
     stage = ray.remote(num_cpus=1)(_with_credentials(finetune_eval_stage))
     pre_task = ray.remote(num_cpus=1)(_with_credentials(pretrain_stage))
     creds = ray.put(storage.credentials_from_env())  # a Ray object: never in runtime_env / job metadata
@@ -380,24 +380,19 @@ def _run_all(cfg: StudyConfig, runs: list[CellRun], data: PreparedData) -> tuple
 def run_study(cfg: StudyConfig, *, address: str | None = None) -> dict[str, Any]:
     """Prepare data, run every unfinished cell and seed, write the report. Returns counts and the report's
     URLs: ``{"cells", "runs", "ran", "skipped", "pretrain_runs", "wall_s", "results", "files"}``."""
-    import ray
-
-    from jobs.study.report import write_report
-
     t0 = time.time()
     if storage.protocol(cfg.output) == "file":  # Ray workers run in another working directory
         cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output))
     if cfg.cache and storage.protocol(cfg.cache) == "file":
         cfg = dataclasses.replace(cfg, cache=os.path.abspath(cfg.cache))
-    started = False
-    if not ray.is_initialized():  # --address, $RAY_ADDRESS (a Ray job), else a new local cluster
-        address = address or os.environ.get("RAY_ADDRESS")
-        local = {} if address else {"num_cpus": cfg.num_cpus}
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, **local)
-        started = True
+    # --address, $RAY_ADDRESS (a Ray job), else a new local cluster
+    started = init_ray(
+        address, new_local=True, num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False
+    )
     try:
         save_config(cfg, cfg.output, "study_config.yaml")
-        data = prepare_data(cfg.data, storage.join(cfg.store, "data"), launcher=cfg.runner.pretrain)
+        pretrain = functools.partial(pretrain_stage, init="pretrained", launcher=cfg.runner.pretrain)
+        data = prepare_data(cfg.data, storage.join(cfg.store, "data"), pretrain=pretrain)
         cells = expand_grid(cfg)
         runs = [resolve_cell(cfg, p, data, seed) for p in cells for seed in cfg.seeds]
         results, counts = _run_all(cfg, runs, data)

@@ -32,6 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+
+from model import load_checkpoint
+from model.checkpoint import VMAE_META, WEIGHTS, save_checkpoint
+from pipeline import storage
 
 TRAINER_FILE = "trainer.pt"
 OPTIM_FILE = "optim.pt"
@@ -172,11 +177,10 @@ def save_train_state(
     model carries ``lineage`` (``jobs.train.lineage``).
 
     ``sharded=True`` (FSDP2) is collective: every rank must call it; it writes a DCP set under ``sharded/``."""
-    from model.checkpoint import save_checkpoint
-
     os.makedirs(directory, exist_ok=True)
     model, optimizer = state["model"], state["optimizer"]
     if sharded:
+        # local import: torch.distributed.checkpoint takes ~0.5 s to import; only sharded (FSDP) runs need it
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -236,10 +240,6 @@ def read_trainer_state(directory: str) -> dict[str, Any]:
 
 def load_model_weights(model: torch.nn.Module, directory: str) -> None:
     """Load the exported model of a (DDP) checkpoint into ``model`` (unwrapped through DDP/compile)."""
-    from safetensors.torch import load_file
-
-    from model.checkpoint import WEIGHTS
-
     unwrap(model).load_state_dict(load_file(os.path.join(directory, WEIGHTS), device="cpu"))
 
 
@@ -251,6 +251,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, directory: str) -> None:
 
 def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: str) -> None:
     """Collective DCP load of model + optimizer into an already sharded (FSDP2) model; resharding-safe."""
+    # local import: torch.distributed.checkpoint takes ~0.5 s to import; only sharded (FSDP) runs need it
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -272,8 +273,6 @@ def read_rank_state(directory: str, rank: int, old_world_size: int) -> dict[str,
 
 def checkpoint_dirs(run_url: str) -> list[str]:
     """URLs of the ``step_*`` folders under a run directory that hold ``trainer.pt``, newest first."""
-    from pipeline import storage
-
     fs, path = storage.get_fs(run_url)
     try:
         entries = fs.ls(path, detail=False)
@@ -287,8 +286,6 @@ def checkpoint_dirs(run_url: str) -> list[str]:
 @contextlib.contextmanager
 def local_copy(url: str) -> Iterator[str]:
     """A local directory holding checkpoint ``url``: the folder itself when local, else a temporary download."""
-    from pipeline import storage
-
     if storage.protocol(url) == "file":
         yield storage.get_fs(url)[1]
         return
@@ -300,8 +297,6 @@ def local_copy(url: str) -> Iterator[str]:
 
 def latest_checkpoint_dir(run_url: str) -> str | None:
     """URL of the highest ``step_*`` checkpoint folder under a run directory that holds ``trainer.pt``."""
-    from pipeline import storage
-
     fs, path = storage.get_fs(run_url)
     try:
         entries = fs.ls(path, detail=False)
@@ -322,9 +317,6 @@ def latest_checkpoint_dir(run_url: str) -> str | None:
 def model_url(url: str) -> str:
     """The exported model a checkpoint URL stands for: a model directory or file itself; a training
     checkpoint (``<run>/step_*``); a run directory's ``final`` export, else its latest checkpoint."""
-    from model.checkpoint import VMAE_META
-    from pipeline import storage
-
     fs, path = storage.get_fs(url)
     if not fs.exists(path):
         raise ValueError(f"checkpoint {url!r} does not exist")
@@ -350,9 +342,6 @@ def load_any_checkpoint(url: str, cfg: Any = None) -> tuple[torch.nn.Module, dic
     checkpoint or the run directory itself. ``cfg`` (a ``VideoMAEConfig``) is the architecture of an official
     ``.pth``, which carries none (inferred for the paper's widths when omitted); a directory knows its own.
     Returns ``(model, meta)``; the model is on CPU in eval mode and ``meta["url"]`` is what was read."""
-    from model import load_checkpoint
-    from pipeline import storage
-
     target = model_url(url)
     fs, path = storage.get_fs(target)
     model, meta = load_checkpoint(target, cfg=cfg if not fs.isdir(path) else None)

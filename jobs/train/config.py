@@ -23,7 +23,7 @@ from jobs.train.checkpointing import CheckpointConfig
 from jobs.train.metrics import MetricsConfig
 from jobs.train.optim import OptimConfig, ScheduleConfig
 from model.config import VideoMAEConfig, get_config
-from pipeline.loader.loader import LoaderConfig
+from pipeline.loader.config import LoaderConfig
 
 STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")

@@ -26,11 +26,12 @@ from timm.data import Mixup
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
-from jobs.config import load_config
+from jobs.train.checkpointing import load_any_checkpoint, unwrap
 from jobs.train.config import AugmentSection, FinetuneConfig
+from jobs.train.launch import add_fit_arguments, run_fit
+from jobs.train.launch import fit as launch
 from jobs.train.optim import OptimConfig
 from model import VideoMAE, VideoMAEClassifier
-from pipeline import storage
 from pipeline.loader.masking import ClipSpec
 from pipeline.loader.transforms import model_input
 
@@ -43,8 +44,6 @@ def build_finetune_optimizer(
     ``depth + 1`` (``VideoMAEClassifier.group_matcher``), no weight decay on 1-D parameters (norms, biases)
     or names matching ``cfg.no_weight_decay``. ``SampleCosineSchedule`` multiplies each group's lr by its
     ``lr_scale``."""
-    from jobs.train.checkpointing import unwrap
-
     groups = param_groups_layer_decay(
         unwrap(model),
         weight_decay=cfg.weight_decay,
@@ -102,8 +101,6 @@ def init_classifier(cfg: FinetuneConfig) -> tuple[VideoMAEClassifier, dict[str, 
 
     Returns ``(model, info)``; ``info`` names the source format/kind and the keys that were not copied
     (decoder, ``encoder.norm``, or a classifier's head when the class count differs)."""
-    from jobs.train.checkpointing import load_any_checkpoint
-
     model_cfg = cfg.model.build()
     model = VideoMAEClassifier(model_cfg, cfg.num_classes, head_drop=cfg.head_drop)
     if cfg.pretrained is None:
@@ -207,8 +204,6 @@ class FinetuneTask:
 
 def fit(cfg: FinetuneConfig, *, resume: bool = False) -> Any:
     """Run (or continue) finetuning; returns the ``ray.train.Result``. Starts a local Ray if none is up."""
-    from jobs.train.launch import fit as launch
-
     if cfg.pretrained and not resume:
         init_classifier(cfg)  # a wrong path or architecture fails here, not on every worker
     return launch(cfg, FinetuneTask, resume=resume)
@@ -219,25 +214,11 @@ CONFIG_CLASS = FinetuneConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML under configs/finetune/")
-    parser.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. pretrained=runs/pt/step_00000100")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in storage_path/name")
+    add_fit_arguments(parser, CONFIG_DIR, example="pretrained=runs/pt/step_00000100")
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.train.launch import export_url
+    def shown(result: Any) -> dict[str, Any]:
+        return {"train_top1": (result.metrics or {}).get("train_top1")}
 
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    if args.address:
-        import ray
-
-        ray.init(address=args.address)
-    result = fit(cfg, resume=args.resume)
-    metrics = result.metrics or {}
-    done = storage.exists(storage.join(export_url(cfg), "vmae.json"))
-    print(
-        f"finetune {cfg.name}: step {metrics.get('step')} loss {metrics.get('loss')} "
-        f"train_top1 {metrics.get('train_top1')} classifier {export_url(cfg) if done else '(not finished)'}"
-    )
-    return 0
+    return run_fit(args, FinetuneConfig, fit, command="finetune", shown=shown, product="classifier")

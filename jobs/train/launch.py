@@ -1,5 +1,6 @@
 """Driver side of a training run: turn a ``TrainConfig`` and a task into a Ray Train V2 ``TorchTrainer`` and
-run it (``vmae pretrain`` and ``vmae finetune`` both go through :func:`fit`).
+run it (``vmae pretrain`` and ``vmae finetune`` both go through :func:`fit`, and share their command line:
+:func:`add_fit_arguments`, :func:`run_fit`).
 
 Wiring: workers (gloo on CPU, NCCL on GPU), elastic ``ScalingConfig(num_workers=(min, max))``,
 ``FailureConfig`` (worker failures and node preemptions are retried from the latest checkpoint),
@@ -14,17 +15,33 @@ so a typo'd name never silently continues (or clobbers) another run.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from jobs.config import save_config, to_dict
+import pyarrow.fs
+import ray
+import ray.train
+from ray.autoscaler.sdk import request_resources
+from ray.train.torch import TorchConfig, TorchTrainer
+from tqdm import tqdm
+
+from jobs.config import load_config, save_config, to_dict
+from jobs.ray_utils import init_ray
+from jobs.train.checkpointing import latest_checkpoint_dir
 from jobs.train.config import TrainConfig
+from jobs.train.lineage import build_lineage
+from jobs.train.optim import batch_plan, schedule_samples
 from pipeline import storage
+from pipeline.loader.plan import load_shards
 
 
 def storage_filesystem(storage_path: str) -> tuple[str, Any]:
@@ -33,8 +50,6 @@ def storage_filesystem(storage_path: str) -> tuple[str, Any]:
     proto = storage.protocol(storage_path)
     if proto not in ("s3", "s3a"):
         return (os.path.abspath(storage_path) if proto == "file" else storage_path), None
-    import pyarrow.fs
-
     opts = storage.storage_options(storage_path)
     endpoint = opts.get("endpoint_url")
     kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
@@ -51,8 +66,6 @@ def storage_filesystem(storage_path: str) -> tuple[str, Any]:
 def run_exists(cfg: TrainConfig) -> bool:
     """Whether ``storage_path/name`` already holds a Ray Train run (its checkpoint-manager snapshot or a
     checkpoint)."""
-    from jobs.train.checkpointing import latest_checkpoint_dir
-
     if latest_checkpoint_dir(cfg.run_url) is not None:
         return True
     fs, path = storage.get_fs(cfg.run_url)
@@ -101,11 +114,6 @@ def progress(metrics_path: str, *, total_steps: int, name: str, unit: str) -> It
     """While the body runs: a progress bar over optimizer steps (loss, throughput, ETA) fed by rank 0's
     ``metrics.jsonl``, and one summary line per logged step. Where the file is not visible from the driver
     (rank 0 on another node), nothing is shown."""
-    import json
-    import threading
-
-    from tqdm import tqdm
-
     stop = threading.Event()
     bar = tqdm(total=total_steps, desc=f"train {name}", unit="step", dynamic_ncols=True, disable=None)
     pos = os.path.getsize(metrics_path) if os.path.exists(metrics_path) else 0  # a resumed run appends
@@ -152,10 +160,6 @@ def wait_for_resources(cfg: TrainConfig, *, wait_s: float) -> None:
     """Make sure the cluster can place ``scaling.min_workers`` (else ``num_workers``) workers before Ray Train
     waits for them without a word: ask the autoscaler for them and wait up to ``wait_s``; ``ValueError``
     saying what is missing when they never come."""
-    import time
-
-    import ray
-
     need = cfg.scaling.min_workers or cfg.scaling.num_workers
     bundle = cfg.worker_bundle
 
@@ -165,8 +169,6 @@ def wait_for_resources(cfg: TrainConfig, *, wait_s: float) -> None:
     if placeable(bundle, nodes()) >= need:
         return
     if wait_s > 0:
-        from ray.autoscaler.sdk import request_resources
-
         request_resources(bundles=[bundle] * need)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
@@ -192,32 +194,22 @@ def fit(cfg: TrainConfig, task_cls: Any, *, resume: bool = False) -> Any:
     import it by name) on a Ray Train ``TorchTrainer`` built from the config's ``scaling`` / ``failure`` /
     ``checkpoint`` sections; returns the ``ray.train.Result``. Saves the resolved config, starts a local Ray if
     none is up, and uploads rank 0's local logs when the run lives on remote storage."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from jobs.train.lineage import build_lineage
-    from jobs.train.trainer import task_name, train_loop_per_worker
+    from jobs.train.session import task_name
+    from jobs.train.trainer import train_loop_per_worker
 
     task = task_name(task_cls)  # before anything is written or started: a task the workers cannot import
 
     storage.check_bucket(cfg.storage_path)
     check_run_dir(cfg, resume=resume)
     cfg = with_absolute_paths(cfg)
-    from jobs.train.optim import batch_plan, schedule_samples
-    from pipeline.loader.loader import load_shards
-
     shards = load_shards(
         cfg.loader
     )  # a missing manifest or subset: one clear error here, not N worker retries
     save_config(cfg, cfg.run_url, name="config.resume.yaml" if resume else "config.yaml")
-    started = not ray.is_initialized()
-    if started:
-        # log_to_driver off: Ray's per-rank detail stays in its logs; the user sees :func:`progress`.
-        # The dashboard serves the state API that Ray Train's placement-group cleaner polls every second
-        # (without it, a "Failed to query Ray Train Controller actor state" warning each second).
-        ray.init(include_dashboard=True, log_to_driver=False)
-
+    # log_to_driver off: Ray's per-rank detail stays in its logs; the user sees :func:`progress`.
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls every second
+    # (without it, a "Failed to query Ray Train Controller actor state" warning each second).
+    started = init_ray(include_dashboard=True, log_to_driver=False)
     wait_for_resources(
         cfg, wait_s=0.0 if started else cfg.scaling.resource_wait_s
     )  # our own cluster never grows
@@ -270,3 +262,36 @@ def fit(cfg: TrainConfig, task_cls: Any, *, resume: bool = False) -> Any:
     ):
         result = trainer.fit()
     return result
+
+
+def add_fit_arguments(parser: argparse.ArgumentParser, config_dir: str, *, example: str) -> None:
+    """The arguments of a training command (``vmae pretrain``, ``vmae finetune``); ``example`` an override."""
+    parser.add_argument("--config", required=True, help=f"YAML under {config_dir}/")
+    parser.add_argument("overrides", nargs="*", help=f"a.b=c overrides, e.g. {example}")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in storage_path/name")
+
+
+def run_fit(
+    args: argparse.Namespace,
+    config_cls: type,
+    fit_fn: Callable[..., Any],
+    *,
+    command: str,
+    shown: Callable[[Any], dict[str, Any]],
+    product: str,
+) -> int:
+    """Run a training command: load ``config_cls`` from ``--config`` and the overrides, join ``--address``
+    (else :func:`fit` starts a local Ray), ``fit_fn(cfg, resume=...)``, then print one line: ``<command>
+    <name>: step S loss L <shown(result) as key value> <product> <exported model URL | (not finished)>``."""
+    cfg = load_config(config_cls, args.config, args.overrides)
+    if args.address:
+        init_ray(args.address)
+    result = fit_fn(cfg, resume=args.resume)
+    metrics = result.metrics or {}
+    fields = {"step": metrics.get("step"), "loss": metrics.get("loss"), **shown(result)}
+    final = (
+        export_url(cfg) if storage.exists(storage.join(export_url(cfg), "vmae.json")) else "(not finished)"
+    )
+    print(f"{command} {cfg.name}: " + " ".join(f"{k} {v}" for k, v in fields.items()) + f" {product} {final}")
+    return 0

@@ -24,18 +24,20 @@ import os
 import subprocess
 from typing import Any
 
+from jobs.config import to_dict
+from jobs.train.checkpointing import model_url
+from model.checkpoint import read_lineage
 from pipeline import storage
+from pipeline.ingest import manifest as mf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 
 
 @functools.cache
 def code_version() -> str:
     """The package version and git commit (``pipeline.ingest.manifest.code_version``), ``.dirty`` when tracked files
     of the checkout differ from that commit."""
-    from pipeline.ingest.manifest import code_version as base
-
-    version = base()
+    version = mf.code_version()
     try:
         dirty = subprocess.run(["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--"], capture_output=True,
                                timeout=30).returncode == 1  # fmt: skip
@@ -50,9 +52,6 @@ def _sha256(url: str, storage_cfg: Any = None) -> str:
 
 def build_lineage(cfg: Any) -> dict[str, Any]:
     """The lineage of a training run of ``cfg`` (a ``TrainConfig`` with absolute loader paths)."""
-    from jobs.config import to_dict
-    from pipeline.ingest import manifest as mf
-
     loader = cfg.loader
     manifest_url = (
         loader.manifest
@@ -81,9 +80,6 @@ def build_lineage(cfg: Any) -> dict[str, Any]:
 def pretrained_lineage(url: str) -> dict[str, Any] | None:
     """The lineage recorded in the checkpoint at ``url`` (``None`` for a published checkpoint without one),
     without its config."""
-    from jobs.train.checkpointing import model_url
-    from model.checkpoint import read_lineage
-
     lin = read_lineage(model_url(url))
     if lin is None:
         return None

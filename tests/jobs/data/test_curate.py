@@ -10,7 +10,7 @@ import pytest
 from jobs.cli import main
 from jobs.config import load_config
 from jobs.data.curate import CurateConfig, add_dup_groups, curation_url, run_curation, summarize
-from jobs.data.shard import RayConfig
+from jobs.ray_utils import RayConfig
 from pipeline.curation.quality import CURATION_SCHEMA, QualityConfig
 from pipeline.curation.synth import DEFECTS, DefectFractions, SynthConfig, synthesize
 from pipeline.ingest import manifest

@@ -6,6 +6,7 @@ is the CPU studies' data plus that stage."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from jobs.config import from_dict, load_config
+from jobs.study.cells import pretrain_stage
 from jobs.study.data import DataConfig, EmbedSection, prepare_data
 from jobs.study.study import StudyConfig
 from pipeline.curation.subset import SubsetRule
@@ -36,6 +38,7 @@ DATA = {
     "embed": {"pretrain": {"config": "configs/pretrain/debug.yaml", "overrides": STEPS}, "subset": "all",
               "config": "configs/curate/embed/debug.yaml", "overrides": ["actors=0", "semantic.k_max=3"]},
 }  # fmt: skip
+LOCAL = functools.partial(pretrain_stage, init="pretrained", launcher="local")  # as vmae study passes it
 
 
 def _boom(*_, **__):
@@ -46,7 +49,7 @@ def _boom(*_, **__):
 def prepared(ray_cluster, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("study_data"))
     cfg = from_dict(DataConfig, DATA)
-    return cfg, root, prepare_data(cfg, root, launcher="local")
+    return cfg, root, prepare_data(cfg, root, pretrain=LOCAL)
 
 
 @pytest.mark.slow
@@ -91,9 +94,8 @@ def test_rerun_skips_and_another_embedding_makes_another_subset(prepared, monkey
     done = glob.glob(os.path.join(root, "shards-*", "embed", "model-*", "pretrain.json"))
     stamps = {p: os.stat(p).st_mtime_ns for p in [*done, data.embeddings_url]}
     with monkeypatch.context() as m:  # nothing is trained or embedded again
-        m.setattr("jobs.study.cells.pretrain_stage", _boom)
-        m.setattr("jobs.data.embed.run_embed", _boom)
-        assert prepare_data(cfg, root, launcher="local") == data
+        m.setattr("jobs.study.data.run_embed", _boom)
+        assert prepare_data(cfg, root, pretrain=_boom) == data
         plain = dataclasses.replace(cfg, subsets=cfg.subsets[:1])  # no rule reads the embeddings: no stage
         assert prepare_data(plain, root).embeddings_url is None
     assert len(done) == 1 and {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
