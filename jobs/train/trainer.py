@@ -7,12 +7,10 @@ videos). Everything else lives here once: the data stream, autocast and DDP/FSDP
 accumulation, the samples-keyed schedule and resize policy (``jobs.train.optim``), the fault hook, metrics, the
 checkpoint report, exact resume and the exported model at the end.
 
-Where it runs: a :class:`Session` tells the trainer its rank, world size and device, hands it the run's latest
-checkpoint and takes its reports. :class:`RayTrainSession` is Ray Train's (``vmae pretrain`` / ``vmae
-finetune``: elastic, fault tolerant, multi-node); :class:`LocalSession` runs the same loop in one process
-(any Ray task or actor, or none) with checkpoints written straight to the run directory — for the many small
-single-worker runs of a study, which would otherwise pay Ray Train's start-up (~15 s per run on a 2-core box)
-each time.
+Where it runs: a session (``jobs.train.session``: Ray Train's on each worker, or ``LocalSession`` in one
+process, :func:`run_local`) gives it rank, world size, device and the latest checkpoint, and takes its reports.
+Its data stream (``jobs.train.prefetch``) hands each step a batch whose clips are already on the device; a
+step reads nothing back from the device (loss, statistics, grad norm stay device tensors until a logged step).
 
 State: ``Trainer.state`` is the one dict of state-holding parts — ``model``, ``optimizer``, ``schedule``,
 ``scaler``, ``progress``, ``loader``, ``rng`` — saved and restored through one path
@@ -29,157 +27,35 @@ float32 (ImageNet normalised), ``mask [B, L]`` bool (True = masked).
 from __future__ import annotations
 
 import contextlib
-import importlib
+import json
 import logging
 import os
 import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any, Protocol
 
-import ray.train
-import ray.train.torch
+import ray
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from jobs.config import from_dict, save_config
 from jobs.train import checkpointing as ckpt
-from jobs.train.config import ParallelConfig, TrainConfig
+from jobs.train.config import TrainConfig
+from jobs.train.lineage import build_lineage
 from jobs.train.metrics import MetricsLogger, StepTimer, device_peak_flops, mfu
 from jobs.train.optim import BatchPlan, SampleCosineSchedule, batch_plan, schedule_samples
+from jobs.train.prefetch import DEVICE_KEYS, Prefetcher
+from jobs.train.session import LocalSession, RayTrainSession, Session, autocast_dtype, task_class, wrap
+from model.checkpoint import save_checkpoint
+from pipeline import storage
 from pipeline.loader.loader import make_loader
 from pipeline.loader.masking import ClipSpec
 
 UNITS = ("clips", "videos")
 log = logging.getLogger(__name__)
-
-
-class Session(Protocol):
-    """Where a :class:`Trainer` runs."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    def checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
-        """Context manager yielding a local directory of the run's latest checkpoint, or None."""
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
-        """Hand over a logged step's metrics and, when given, the folder holding this rank's train state
-        (the session owns it from then on and deletes it when done with it)."""
-
-    def preempted(self) -> bool:
-        """Whether the node is about to be reclaimed (save a checkpoint now)."""
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """The data-parallel wrapper of this session (DDP under Ray Train)."""
-
-
-class RayTrainSession:
-    """The trainer inside a Ray Train worker: rank, world and device from Ray Train's context, checkpoints
-    through ``ray.train.report`` (Ray Train keeps the last ``num_to_keep`` in the run directory)."""
-
-    def __init__(self, *, async_upload: bool = False) -> None:
-        self.async_upload = async_upload
-        ctx = ray.train.get_context()
-        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-
-    @contextlib.contextmanager
-    def checkpoint(self) -> Iterator[str | None]:
-        ckpt_ = ray.train.get_checkpoint()
-        if ckpt_ is None:
-            yield None
-            return
-        with ckpt_.as_directory() as cdir:
-            yield cdir
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
-        if checkpoint_dir is None:
-            ray.train.report(metrics)
-            return
-        if self.async_upload:  # training goes on while Ray uploads; Ray deletes the folder afterwards
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
-                checkpoint_dir_name=ckpt.checkpoint_dir_name(step),
-                checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                delete_local_checkpoint_after_upload=True,
-            )
-            return
-        try:
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
-                checkpoint_dir_name=ckpt.checkpoint_dir_name(step),
-            )
-        finally:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-
-    def preempted(self) -> bool:
-        return ray.train.get_preemption_info() is not None
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        return ray.train.torch.prepare_model(model)
-
-
-class LocalSession:
-    """The trainer in this process alone (rank 0 of 1): the latest ``step_*`` checkpoint of ``run_url`` (local
-    or remote) is its resume point; a reported checkpoint is copied to ``run_url/step_*`` complete before its
-    ``trainer.pt`` marks it, then older ones beyond ``num_to_keep`` are deleted — the layout Ray Train writes,
-    so a run started one way resumes the other way. ``device``: "cuda" when available unless given."""
-
-    rank = 0
-    world_size = 1
-
-    def __init__(self, run_url: str, *, num_to_keep: int | None = None, device: str | None = None) -> None:
-        self.run_url, self.num_to_keep = run_url, num_to_keep
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-    @contextlib.contextmanager
-    def checkpoint(self) -> Iterator[str | None]:
-        url = ckpt.latest_checkpoint_dir(self.run_url)
-        if url is None:
-            yield None
-            return
-        with ckpt.local_copy(url) as cdir:
-            yield cdir
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
-        if checkpoint_dir is None:
-            return
-
-        try:
-            self._copy(checkpoint_dir, step)
-        finally:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-
-    def _copy(self, checkpoint_dir: str, step: int) -> None:
-        from pipeline import storage
-
-        url = storage.join(self.run_url, ckpt.checkpoint_dir_name(step))
-        fs, path = storage.get_fs(url)
-        names = sorted(os.listdir(checkpoint_dir), key=lambda n: n == ckpt.TRAINER_FILE)  # trainer.pt last
-        for name in names:
-            src = os.path.join(checkpoint_dir, name)
-            if os.path.isdir(src):
-                fs.put(src + "/", f"{path}/{name}/", recursive=True)
-            else:
-                storage.upload_file_atomic(src, storage.join(url, name))
-        if self.num_to_keep is not None:
-            run_fs, run_path = storage.get_fs(self.run_url)
-            steps = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in run_fs.ls(run_path, detail=False)
-                           if e.rstrip("/").rsplit("/", 1)[-1].startswith("step_"))  # fmt: skip
-            for old in steps[: max(0, len(steps) - self.num_to_keep)]:
-                run_fs.rm(f"{run_path}/{old}", recursive=True)
-
-    def preempted(self) -> bool:
-        return False
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        return model.to(self.device)
 
 
 class Task(Protocol):
@@ -212,36 +88,12 @@ class Task(Protocol):
         """Rank 0, at a logged step: extra artefacts (e.g. a reconstruction PNG)."""
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``parallel.precision`` (``auto``: bf16 on GPU, none on CPU)."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-
-
-def wrap(model: nn.Module, p: ParallelConfig, session: Session) -> nn.Module:
-    """The model as each worker runs it: ``model.parallelize`` (compile / activation checkpointing / FSDP2)
-    when asked for, then the session's data-parallel wrapper (DDP under Ray Train) unless sharded."""
-    device = session.device
-    if p.strategy == "fsdp" or p.compile or p.activation_checkpointing:
-        from model.parallelize import parallelize
-
-        model = parallelize(
-            model.to(device),
-            fsdp=p.strategy == "fsdp",
-            compile=p.compile,
-            activation_checkpointing=p.activation_checkpointing,
-            param_dtype=autocast_dtype(p.precision, device) if p.strategy == "fsdp" else None,
-        )
-    if p.strategy == "ddp":
-        model = session.prepare(model)
-    return model
-
-
 def mean_over_ranks(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
     """The mean over ranks of each value (floats or 0-d tensors on any device, DTensors too: FSDP2's grad
     norm); one host sync."""
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import (
+        DTensor,  # local import: ~0.5 s of start-up, only FSDP2 makes DTensors
+    )
 
     plain = [v.full_tensor() if isinstance(v, DTensor) else v for v in values]
     t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in plain])
@@ -249,15 +101,6 @@ def mean_over_ranks(values: list[float | torch.Tensor], device: torch.device) ->
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t.tolist()
-
-
-def epochs(loader: Any) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Endless (epoch, batch) stream. The loader yields the rest of its current epoch from its cursor and
-    then moves itself to the next epoch, so a restored cursor is honoured."""
-    while True:
-        epoch = loader.epoch
-        for batch in loader:
-            yield epoch, batch
 
 
 def maybe_kill(cfg: TrainConfig, rank: int, step: int) -> None:
@@ -350,7 +193,9 @@ class Trainer:
                 "schedule": schedule,
                 "scaler": scaler,
                 "progress": ckpt.TrainProgress(world_size=world),
-                "loader": loader,
+                "loader": Prefetcher(
+                    loader, self.device, keys=DEVICE_KEYS
+                ),  # checkpoints what steps consumed
                 "rng": ckpt.RNGState(),
             }
             if cdir is not None:
@@ -388,9 +233,11 @@ class Trainer:
         raise ValueError(f"no checkpoint of {self.run_url} loads (latest: {first})")
 
     # ---- one optimizer step ------------------------------------------------------------------------------
-    def _train_step(self, stream: Iterator[tuple[int, dict[str, Any]]], timer: StepTimer) -> dict[str, Any]:
-        """``accum_steps`` micro-batches, then the optimizer step; returns what the step measured. Losses and
-        statistics stay on the device (no host sync per step): they are read at logged steps only."""
+    def _train_step(self, stream: Prefetcher, timer: StepTimer, *, last: bool = False) -> dict[str, Any]:
+        """``accum_steps`` micro-batches, then the optimizer step; returns what the step measured. Nothing is
+        read back from the device: loss, statistics and grad norm stay device tensors until a logged step
+        (:meth:`_metrics`); the data wait is the host's time in ``stream.next`` (the loader, not the GPU).
+        ``last``: the run's final step (the stream reads nothing beyond its last batch)."""
         cfg, model, accum = self.cfg, self.state["model"], self.cfg.optim.accum_steps
         timer.start()
         model.train()
@@ -399,11 +246,11 @@ class Trainer:
         epoch = 0
         for micro in range(accum):
             t0 = time.perf_counter()
-            epoch, batch = next(stream)
+            last_micro = micro == accum - 1
+            epoch, batch = stream.take()
             timer.data(time.perf_counter() - t0)
             if cfg.fault.keys_log:
                 self._log_keys(epoch, batch)
-            last_micro = micro == accum - 1
             if self.sharded and accum > 1:  # FSDP2: reduce-scatter gradients on the last micro-batch only
                 model.set_requires_gradient_sync(last_micro)
             no_sync = (
@@ -416,6 +263,10 @@ class Trainer:
                 loss, micro_stats = self.task.forward(model, batch, self.device)
             self.state["scaler"].scale(loss / accum).backward()
             loss_sum = loss_sum + loss.detach().float()
+            if not (last and last_micro):  # the GPU runs this micro-batch while the host waits for the next
+                t0 = time.perf_counter()
+                stream.fill()
+                timer.data(time.perf_counter() - t0)
             for k, v in micro_stats.items():
                 stats[k] = stats.get(k, 0.0) + v
         maybe_kill(cfg, self.rank, self.state["progress"].step + 1)
@@ -429,8 +280,6 @@ class Trainer:
 
     def _log_keys(self, epoch: int, batch: dict[str, Any]) -> None:
         """Test hook (``fault.keys_log``): which valid samples this rank trains on at the next step."""
-        import json
-
         os.makedirs(self.cfg.fault.keys_log, exist_ok=True)
         keys = [k for k, ok in zip(batch["key"], batch["valid"].tolist(), strict=True) if ok]
         rec = {"step": self.state["progress"].step + 1, "epoch": epoch, "world": self.world, "keys": keys,
@@ -485,13 +334,12 @@ class Trainer:
     def export(self) -> None:
         """Rank 0 writes the finished model to ``export_url`` (``model.save_checkpoint``). Sharded (FSDP2)
         weights are first gathered into a full CPU state dict, a collective every rank joins."""
-        from model.checkpoint import save_checkpoint
-
         model = self.state["model"]
         if not self.sharded:
             if self.rank == 0:
                 save_checkpoint(ckpt.unwrap(model), self.export_url, lineage=self.lineage)
             return
+        # local import: torch.distributed.checkpoint costs ~0.5 s of start-up and only sharded runs need it
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -508,13 +356,17 @@ class Trainer:
         if self.task.flops_per_sample() is not None:
             peak = device_peak_flops(self.device, cfg.metrics.peak_flops_per_worker)
             peak_total = mean_over_ranks([peak], self.device)[0] * self.world
-        stream, timer = epochs(self.state["loader"]), StepTimer()
+        stream, timer = self.state["loader"], StepTimer()
         interval = {"t0": time.perf_counter(), "steps": 0, "data_s": 0.0}
         stop_step = cfg.stop_at_step if cfg.stop_at_step is not None else float("inf")
         preempt_saved = False
         try:
             while progress.samples_seen < self.total_samples and progress.step < stop_step:
-                out = self._train_step(stream, timer)
+                last = (
+                    progress.samples_seen + self.plan.global_batch >= self.total_samples
+                    or progress.step + 1 >= stop_step
+                )
+                out = self._train_step(stream, timer, last=last)
                 interval["steps"] += 1
                 interval["data_s"] += out["data_s"]
                 done = progress.samples_seen >= self.total_samples
@@ -543,6 +395,7 @@ class Trainer:
             if progress.samples_seen >= self.total_samples:
                 self.export()
         finally:
+            stream.close()
             if logger is not None:
                 logger.close()
                 self._sync_logs()
@@ -550,8 +403,6 @@ class Trainer:
     def _sync_logs(self) -> None:
         """Rank 0: with the run on an object store, copy the local log folder (metrics.jsonl, TensorBoard,
         PNGs) to ``<run>/logs`` — from here, since the driver may run on a node that cannot see it."""
-        from pipeline import storage
-
         if storage.protocol(self.run_url) == "file" or not os.path.isdir(self.log_dir):
             return
         fs, remote = storage.get_fs(storage.join(self.run_url, "logs"))
@@ -562,9 +413,6 @@ def run_local(task: Task, *, run_url: str, log_dir: str, export_url: str, device
     """Run ``task`` to its end (or ``stop_at_step``) in this process with a :class:`LocalSession` on
     ``run_url``, resuming from its latest checkpoint. The resolved config is saved in the run directory; every
     checkpoint and the export record the run's lineage (``jobs.train.lineage``)."""
-    from jobs.config import save_config
-    from jobs.train.lineage import build_lineage
-
     save_config(task.cfg, run_url)
     session = LocalSession(run_url, num_to_keep=task.cfg.checkpoint.num_to_keep, device=device)
     Trainer(
@@ -572,28 +420,10 @@ def run_local(task: Task, *, run_url: str, log_dir: str, export_url: str, device
     ).fit()
 
 
-def task_name(task_cls: type) -> str:
-    """``"module:Class"`` for a module-level task class, the form :func:`train_loop_per_worker` imports it by
-    (a class defined inside a function has no such name: refused here, on the driver, not on every worker)."""
-    name = f"{task_cls.__module__}:{task_cls.__qualname__}"
-    if task_class(name) is not task_cls:
-        raise ValueError(f"task {task_cls!r} is not importable as {name!r}: define it at module level")
-    return name
-
-
-def task_class(name: str) -> type | None:
-    """The task class named ``"module:Class"`` (:func:`task_name`'s inverse); ``None`` if there is no such name."""
-    module, _, attr = name.partition(":")
-    return getattr(importlib.import_module(module), attr, None)
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``{"task": the task class as "module:Class", "cfg": its resolved config
     as a dict, "log_dir": where rank 0 logs, "export_url": where rank 0 writes the finished model, "lineage": what
     the driver recorded (``jobs.train.lineage.build_lineage``), "credentials": a Ray object of storage credentials}``."""
-    from jobs.config import from_dict
-    from pipeline import storage
-
     if config.get("credentials") is not None:
         storage.install_credentials(ray.get(config["credentials"]))
     task_cls = task_class(config["task"])

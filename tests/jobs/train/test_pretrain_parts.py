@@ -324,7 +324,7 @@ def test_gpu_peak_flops_by_the_longest_matching_name():
 def test_tasks_reach_ray_train_by_a_name_the_workers_import():
     from jobs.train.finetune import FinetuneTask
     from jobs.train.pretrain import PretrainTask
-    from jobs.train.trainer import task_class, task_name
+    from jobs.train.session import task_class, task_name
 
     for cls in (PretrainTask, FinetuneTask):
         name = task_name(cls)
