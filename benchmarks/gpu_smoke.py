@@ -5,16 +5,22 @@ Sections: ``env`` (nvidia-smi, versions, a compiled kernel); ``model_step`` (ViT
 batch 16, eager and per-block torch.compile: step time, MFU, peak memory, recompiles, whether a flash
 attention kernel ran); ``finetune_compile`` (one compiled ViT-B classifier step with drop path 0.1: the
 recompile-limit check); ``host_syncs`` (synchronising CUDA calls in one pretraining step, counted by
-``torch.cuda.set_sync_debug_mode``); ``ray_train`` (a 1-worker Ray Train pretraining run of ~30 steps on
+``torch.cuda.set_sync_debug_mode``); ``e2e`` (the ViT-B recipe of ``configs/pretrain/vit_b.yaml`` end to end:
+compiled, bf16, its ``num_sample`` and ``num_workers: auto``, 300 steps under Ray Train on shards of 256 px short
+side synthesised here: clips/s over ``model_step``'s compiled rate, data-wait); ``ray_train`` (a 1-worker Ray Train pretraining run of ~30 steps on
 shards synthesised here, ``stop_at_step`` then ``--resume``: clips/s, data-wait fraction); ``fsdp`` (ViT-L with
 FSDP2 + activation checkpointing, a checkpoint saved and resumed); ``loader`` (the loader alone with 14
-workers, clips/s against the GPU's step rate). Writes ``benchmarks/results/gpu_smoke_<device>.json``.
+workers, clips/s against the GPU's step rate). Writes ``benchmarks/results/gpu_smoke_<device>.json`` after
+every section, so a run cut short keeps its readings. Budget on an H200 (estimates: no GPU has run it yet):
+env 10 s, model_step 90 s, finetune_compile 60 s, host_syncs 10 s, e2e 150 s (synth + shard 30 s, Ray Train
+start-up 15 s, compilation 60 s, 300 steps 10-20 s), ray_train 60 s, fsdp 120 s, loader 20 s: ~8.5 of the
+9 minutes ``gpu_smoke.sh`` allows.
 
 ``--dry-run`` runs the same sections at CPU scale (tiny models, a few steps, the CPU; ``ray_train`` without its
 stop + resume, which ``fsdp`` still does), which is what CI checks; a real reading needs a GPU.
 
     bash benchmarks/gpu_smoke.sh              # on a GPU machine
-    python benchmarks/gpu_smoke.py --dry-run  # anywhere (tests/benchmarks)
+    python benchmarks/gpu_smoke.py --dry-run  # anywhere (tests/jobs/test_gpu_smoke.py)
 """
 
 from __future__ import annotations
@@ -40,6 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+
+RAY_TRAIN_EXTRA = ["name=smoke"]
+FSDP_EXTRA = ["name=smoke-fsdp", "parallel.strategy=fsdp", "parallel.activation_checkpointing=true",
+              "model.name=vit_l", "parallel.precision=bf16", "loader.batch_size=8"]  # fmt: skip
+RESUME_AT = 15  # ray_train / fsdp on a GPU: stopped here, then resumed to step 30
+E2E_STEPS, E2E_STEPS_DRY, E2E_LOG_EVERY = 300, 6, 50
 
 
 def _sync(device: str) -> None:
@@ -181,19 +193,71 @@ def section_host_syncs(dev: str, dry: bool) -> dict:
     return {"syncing_calls_per_step": len(syncs), "first": syncs[:5]}
 
 
-def _shards(root: str, dry: bool) -> str:
+def _shards(root: str, dry: bool, *, e2e: bool = False) -> str:
+    """Synthesised labelled videos sharded by the shard job; returns the manifest URL. ``e2e``: the GPU recipe's
+    geometry (320x256 sources, 64 frames at 30 fps, the production shard settings: short side 256 kept, GOP 32,
+    fastdecode), so a 16x224^2 clip at stride 4 costs what a real one does; else small ones."""
     from jobs.config import load_config
     from jobs.data.shard import ShardJobConfig, shard
     from pipeline.curation.synth import SynthConfig, synthesize
 
-    size = 32 if dry else 128
+    big = e2e and not dry
+    size, frames, fps = ((320, 256), 64, 30.0) if big else (((32, 32) if dry else (128, 128)), 16, 15.0)
+    folder = f"{root}/{'e2e' if big else 'small'}"
+    if os.path.exists(f"{folder}/shards/manifest.json"):  # made by an earlier section
+        return f"{folder}/shards/manifest.json"
     synthesize(SynthConfig(domains=("shapes", "textures"), classes=("left", "up", "rotate_cw", "zoom_in"),
-                           videos_per_class=4 if dry else 24, sizes=((size, size),), frames=(16,), fps=(15.0,),
-                           workers=2), f"{root}/raw")  # fmt: skip
-    cfg = load_config(ShardJobConfig, str(ROOT / "configs/shard/debug.yaml"),
-                      [f"transcode.short_side={size}", "transcode.fps=15", "ray.num_cpus=null"])  # fmt: skip
-    shard(f"{root}/raw", f"{root}/shards", cfg)
-    return f"{root}/shards/manifest.json"
+                           videos_per_class=4 if dry else 24, sizes=(size,), frames=(frames,), fps=(fps,),
+                           workers=2 if dry else 0), f"{folder}/raw")  # fmt: skip
+    shard_cfg = "configs/shard/default.yaml" if big else "configs/shard/debug.yaml"
+    over = ["ray.num_cpus=null"] + (
+        [] if big else [f"transcode.short_side={min(size)}", f"transcode.fps={fps:g}"]
+    )
+    shard(f"{folder}/raw", f"{folder}/shards", load_config(ShardJobConfig, str(ROOT / shard_cfg), over))
+    return f"{folder}/shards/manifest.json"
+
+
+def train_overrides(manifest: str, runs: str, dry: bool, extra: list[str]) -> tuple[str, list[str]]:
+    """(config YAML, overrides) of the ``ray_train`` / ``fsdp`` runs: 30 steps (6 dry) of the config."""
+    base = ["schedule.total_steps=30", "schedule.warmup_steps=3", "checkpoint.every_steps=10", "metrics.log_every=5",
+            "metrics.image_every=0", f"loader.manifest={manifest}", f"storage_path={runs}", "scaling.num_workers=1"]  # fmt: skip
+    if dry:
+        base += ["schedule.total_steps=6", "checkpoint.every_steps=2", "metrics.log_every=1"]
+        return "configs/pretrain/debug.yaml", [*base, *extra]
+    # the GPU recipes count epochs; the smoke counts steps (exactly one of the two may be set)
+    base += ["schedule.epochs=null", "schedule.warmup_epochs=0", "scaling.use_gpu=true", "scaling.min_workers=null",
+             f"scaling.cpus_per_worker={max(1, (os.cpu_count() or 8) - 2)}",
+             "model.overrides={img_size: 112, num_frames: 16}", "loader.batch_size=16", "loader.num_workers=6",
+             "loader.sampling_rate=1", "loader.scales=[1.0]", "parallel.compile=false"]  # fmt: skip
+    return "configs/pretrain/vit_s.yaml", [*base, *extra]
+
+
+def e2e_overrides(manifest: str, runs: str, dry: bool) -> tuple[str, list[str]]:
+    """(config YAML, overrides) of the ``e2e`` run: the GPU recipe as configured (ViT-B 16x224^2, compiled,
+    bf16, its ``num_sample`` and ``num_workers: auto``) for 300 steps on one GPU; dry: the debug run, 6 steps."""
+    over = ["name=smoke-e2e", f"loader.manifest={manifest}", f"storage_path={runs}", "scaling.num_workers=1",
+            "scaling.min_workers=null", "schedule.epochs=null", "schedule.warmup_epochs=0",
+            f"schedule.total_steps={E2E_STEPS_DRY if dry else E2E_STEPS}", "schedule.warmup_steps=2",
+            "checkpoint.every_steps=100000", "checkpoint.at_end=false", "checkpoint.upload=sync",
+            f"metrics.log_every={1 if dry else E2E_LOG_EVERY}", "metrics.image_every=0"]  # fmt: skip
+    if dry:
+        return "configs/pretrain/debug.yaml", [*over, "loader.num_sample=2", "loader.num_workers=1"]
+    return "configs/pretrain/vit_b.yaml", [
+        *over,
+        f"scaling.cpus_per_worker={max(1, (os.cpu_count() or 8) - 1)}",
+    ]
+
+
+def gpu_configs(root: str) -> dict[str, tuple[str, list[str]]]:
+    """Every training config the smoke builds on a GPU (``dry=False``), by run: what tests resolve through the
+    real config loader, so a recipe change that breaks the smoke fails on the CPU first."""
+    small, runs = f"{root}/small/shards/manifest.json", f"{root}/runs"
+    out = {}
+    for name, extra in (("ray_train", RAY_TRAIN_EXTRA), ("fsdp", FSDP_EXTRA)):
+        yaml, over = train_overrides(small, runs, False, extra)
+        out[name], out[f"{name}_stop"] = (yaml, over), (yaml, [*over, f"stop_at_step={RESUME_AT}"])
+    out["e2e"] = e2e_overrides(f"{root}/e2e/shards/manifest.json", runs, False)
+    return out
 
 
 def _train(manifest: str, runs: str, dry: bool, extra: list[str], resume_at: int | None) -> dict:
@@ -204,17 +268,7 @@ def _train(manifest: str, runs: str, dry: bool, extra: list[str], resume_at: int
     from jobs.train.metrics import read_metrics
     from jobs.train.pretrain import fit
 
-    base = ["schedule.total_steps=30", "schedule.warmup_steps=3", "checkpoint.every_steps=10", "metrics.log_every=5",
-            "metrics.image_every=0", f"loader.manifest={manifest}", f"storage_path={runs}", "scaling.num_workers=1"]  # fmt: skip
-    if dry:
-        base += ["schedule.total_steps=6", "checkpoint.every_steps=2", "metrics.log_every=1"]
-        config = "configs/pretrain/debug.yaml"
-    else:
-        base += ["scaling.use_gpu=true", "scaling.min_workers=null", f"scaling.cpus_per_worker={max(1, (os.cpu_count() or 8) - 2)}",
-                 "model.overrides={img_size: 112, num_frames: 16}", "loader.batch_size=16", "loader.num_workers=6",
-                 "loader.sampling_rate=1", "loader.scales=[1.0]", "parallel.compile=false"]  # fmt: skip
-        config = "configs/pretrain/vit_s.yaml"
-    over = [*base, *extra]
+    config, over = train_overrides(manifest, runs, dry, extra)
     t0 = time.perf_counter()
     if resume_at is not None:
         fit(load_config(PretrainConfig, str(ROOT / config), [*over, f"stop_at_step={resume_at}"]))
@@ -234,16 +288,44 @@ def _train(manifest: str, runs: str, dry: bool, extra: list[str], resume_at: int
 def section_ray_train(dev: str, dry: bool, root: str) -> dict:
     # --dry-run: one uninterrupted run (a Ray Train start-up less for CI); the fsdp section's dry run still stops
     # and resumes through the same _train, and tests/jobs/train/test_pretrain.py covers DDP stop + resume on the CPU
-    return _train(_shards(root, dry), f"{root}/runs", dry, ["name=smoke"], resume_at=None if dry else 15)
+    return _train(
+        _shards(root, dry), f"{root}/runs", dry, RAY_TRAIN_EXTRA, resume_at=None if dry else RESUME_AT
+    )
 
 
 def section_fsdp(dev: str, dry: bool, root: str) -> dict:
-    extra = ["name=smoke-fsdp", "parallel.strategy=fsdp", "parallel.activation_checkpointing=true"]
-    if not dry:
-        extra += ["model.name=vit_l", "parallel.precision=bf16", "loader.batch_size=8"]
-    manifest = f"{root}/shards/manifest.json"  # ray_train's shards, or (--only fsdp) its own
-    return _train(manifest if os.path.exists(manifest) else _shards(root, dry), f"{root}/runs", dry, extra,
-                  resume_at=3 if dry else 15)  # fmt: skip
+    extra = FSDP_EXTRA[:3] if dry else FSDP_EXTRA
+    # ray_train's shards, or (--only fsdp) its own
+    return _train(_shards(root, dry), f"{root}/runs", dry, extra, resume_at=3 if dry else RESUME_AT)
+
+
+def section_e2e(dev: str, dry: bool, root: str, model_clips_per_s: float | None) -> dict:
+    """The GPU recipe end to end (``e2e_overrides``): clips/s of the whole run (Ray Train, the loader at its
+    configured ``num_sample`` and workers, the trainer) over the model-only rate of the same model and batch
+    (``model_step``'s compiled row, this run: forward + backward on one fixed batch, no optimizer step, so a
+    perfectly fed run reads a little below 1), and the data-wait fraction; medians over the logged intervals
+    after the first (compilation, worker start-up)."""
+    import statistics
+
+    from jobs.config import load_config
+    from jobs.train.config import PretrainConfig
+    from jobs.train.metrics import read_metrics
+    from jobs.train.pretrain import fit
+
+    config, over = e2e_overrides(_shards(root, dry, e2e=True), f"{root}/runs", dry)
+    cfg = load_config(PretrainConfig, str(ROOT / config), over)
+    t0 = time.perf_counter()
+    fit(cfg)
+    recs = read_metrics(os.path.join(f"{root}/runs", cfg.name, "logs", "metrics.jsonl"))
+    steady = [r for step, r in recs.items() if step > min(recs)]
+    rate = statistics.median(r["clips_per_s"] for r in steady)
+    return {"wall_s": time.perf_counter() - t0, "config": config, "model": cfg.model.name, "steps": max(recs),
+            "batch_size": cfg.loader.batch_size, "num_sample": cfg.loader.num_sample,
+            "loader_workers": cfg.loader.num_workers, "cpus": os.cpu_count(), "compile": cfg.parallel.compile,
+            "precision": cfg.parallel.precision, "clips_per_s": rate, "model_clips_per_s": model_clips_per_s,
+            "e2e_over_model": rate / model_clips_per_s if model_clips_per_s else None,
+            "data_wait_frac": statistics.median(r["data_wait_frac"] for r in steady),
+            "intervals": [{k: r.get(k) for k in ("step", "clips_per_s", "data_wait_frac", "mfu")} for r in recs.values()]}  # fmt: skip
 
 
 def section_loader(dev: str, dry: bool, root: str, gpu_clips_per_s: float | None) -> dict:
@@ -252,7 +334,7 @@ def section_loader(dev: str, dry: bool, root: str, gpu_clips_per_s: float | None
 
     workers = 1 if dry else min(14, max(1, (os.cpu_count() or 2) - 2))
     spec = (get_config("tiny", num_frames=8) if dry else get_config("vit_s", img_size=112)).clip_spec()
-    cfg = LoaderConfig(manifest=f"{root}/shards/manifest.json", batch_size=16, num_workers=workers, sampling_rate=1,
+    cfg = LoaderConfig(manifest=f"{root}/small/shards/manifest.json", batch_size=16, num_workers=workers, sampling_rate=1,
                        scales=(1.0,), shuffle_buffer=64)  # fmt: skip
     loader = make_loader(cfg, spec)
     clips, t0 = 0, time.perf_counter()
@@ -291,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                         ("model_step", lambda: section_model_step(dev, args.dry_run)),
                         ("finetune_compile", lambda: section_finetune_compile(dev, args.dry_run)),
                         ("host_syncs", lambda: section_host_syncs(dev, args.dry_run)),
+                        ("e2e", lambda: section_e2e(dev, args.dry_run, root, _model_rate(result))),
                         ("ray_train", lambda: section_ray_train(dev, args.dry_run, root)),
                         ("fsdp", lambda: section_fsdp(dev, args.dry_run, root)),
                         ("loader", lambda: section_loader(dev, args.dry_run, root, _gpu_rate(result)))]  # fmt: skip
@@ -306,13 +389,26 @@ def main(argv: list[str] | None = None) -> int:
                 result["sections"][key]["seconds"] = round(time.perf_counter() - t0, 1)
                 print(f"gpu_smoke {key}: {'ok' if result['sections'][key]['ok'] else 'FAILED'} "
                       f"({result['sections'][key]['seconds']} s)", flush=True)  # fmt: skip
+                _write(out, result)  # after every section: a run cut short keeps what it read
         finally:
             ray.shutdown()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
+    _write(out, result)
     ok = sum(s["ok"] for s in result["sections"].values())
     print(f"RESULT gpu_smoke device={name} sections_ok={ok} sections={len(result['sections'])} out={out}")
     return 0 if ok == len(result["sections"]) else 1
+
+
+def _write(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    tmp.replace(out)
+
+
+def _model_rate(result: dict) -> float | None:
+    """Clips/s of the compiled model step (``model_step``), the model-only rate ``e2e`` compares against."""
+    rows = result["sections"].get("model_step", {}).get("rows") or []
+    return next((r["clips_per_s"] for r in rows if r["compile"]), None)
 
 
 def _gpu_rate(result: dict) -> float | None:

@@ -56,3 +56,40 @@ def test_every_yaml_loads_with_its_values(path, monkeypatch):
     cfg = load_config(cls, str(path))
     assert isinstance(cfg, cls)
     _same(yaml.safe_load(path.read_text()) or {}, to_dict(cfg), path.stem)
+
+
+GPU_PRETRAIN = ("vit_s", "vit_b", "vit_l")
+GPU_STUDIES = sorted((CONFIGS / "study").glob("*_gpu.yaml"))
+
+
+def _feedable(cfg, where: str) -> None:
+    """A GPU recipe the loader can feed (benchmarks/feed.py): repeated sampling (R = 2..4 clips per decode, as
+    VideoMAE V2 and MAE-ST) and decode workers from the node's CPUs."""
+    loader = cfg.loader
+    assert 2 <= loader.num_sample <= 4, f"{where}: loader.num_sample {loader.num_sample}"
+    assert loader.batch_size % loader.num_sample == 0 and loader.videos_per_batch >= 2, where
+    assert loader.num_workers == "auto" and loader.pin_memory is True, where
+
+
+@pytest.mark.parametrize("name", GPU_PRETRAIN)
+def test_gpu_pretrain_recipes_can_be_fed(name, monkeypatch):
+    from jobs.train.config import PretrainConfig
+
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(PretrainConfig, f"configs/pretrain/{name}.yaml")
+    _feedable(cfg, name)
+    assert cfg.loader.num_sample == (2 if name == "vit_l" else 4)  # the figures cited in the YAML
+
+
+@pytest.mark.parametrize("path", GPU_STUDIES, ids=[p.name for p in GPU_STUDIES])
+def test_gpu_studies_pretrain_with_a_feedable_recipe(path, monkeypatch):
+    """A study's pretraining runs are its pretrain config plus its overrides (as ``jobs.study.study`` resolves
+    them): they keep the recipe's repeated sampling and workers."""
+    from jobs.study.study import StudyConfig
+    from jobs.train.config import PretrainConfig
+
+    monkeypatch.chdir(ROOT)
+    study = load_config(StudyConfig, str(path))
+    cfg = load_config(PretrainConfig, study.pretrain.config, list(study.pretrain.overrides))
+    _feedable(cfg, path.name)
+    assert cfg.scaling.use_gpu
