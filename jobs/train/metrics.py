@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from einops import repeat
 
+from model import VideoMAE
+
 # Dense bf16 tensor-core peak per device (FLOP/s), from the vendors' data sheets, matched against
 # torch.cuda.get_device_name by the longest name it contains ("NVIDIA H100 PCIe" is not an SXM H100).
 GPU_PEAK_FLOPS = {
@@ -162,41 +164,70 @@ def pixel_mask(mask_L: torch.Tensor, *, grid: tuple[int, int, int], tubelet: int
     return repeat(mask_L.reshape(t, h, w), "t h w -> (t a) (h b) (w c)", a=tubelet, b=patch, c=patch)
 
 
+# the two ways a norm_pix_loss prediction becomes pixels (``VideoMAE.reconstruct``), one labelled PNG row each
+VISIBLE_STATS = "reconstruction: visible tubelets' mean/std (no ground truth)"
+TRUE_STATS = "reconstruction: each tubelet's true mean/std (official visualisation)"
+
+
+def reconstructions(
+    model: torch.nn.Module, video_BCTHW: torch.Tensor, mask_BL: torch.Tensor, pred_BMP: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Both pixel reconstructions of ``VideoMAE(video, mask)``'s prediction ``pred`` ``[B, M, P]`` (every masked
+    token), label -> ``[B, C, T, H, W]`` in ``[0, 1]`` units (CPU, float32): un-normalised with the mean of the
+    visible tubelets' statistics, which shows what the model alone knows (with a young model, masked tubelets
+    come out nearly flat), and with each masked tubelet's own true statistics, as the official VideoMAE
+    visualisation does (it lends the prediction the true brightness and contrast of every tubelet)."""
+    # the class function, not the instance method: FSDP registers the latter as a collective forward
+    return {
+        label: VideoMAE.reconstruct(model, video_BCTHW, pred_BMP, mask_BL, oracle_stats=oracle).float().cpu()
+        for label, oracle in ((VISIBLE_STATS, False), (TRUE_STATS, True))
+    }
+
+
 def save_reconstruction_grid(
     path: str,
     video_CTHW: torch.Tensor,
     mask_THW: torch.Tensor,
-    recon_CTHW: torch.Tensor,
+    recon_CTHW: torch.Tensor | dict[str, torch.Tensor],
     *,
     max_frames: int = 8,
-) -> None:
-    """PNG grid, one column per frame: original / masked (masked pixels grey) / reconstruction.
+) -> list[str]:
+    """PNG grid, one column per frame: original / masked (masked pixels grey) / one row per reconstruction
+    (``recon_CTHW``: label -> clip, or one clip labelled "reconstruction"); returns the row labels drawn.
 
-    ``video_CTHW`` and ``recon_CTHW`` are RGB clips ``[3, T, H, W]`` in ``[0, 1]`` pixel units (clamped);
-    ``mask_THW`` is a pixel mask ``[T, H, W]`` (True = masked).
+    Clips are RGB ``[3, T, H, W]`` in ``[0, 1]`` pixel units (clamped); ``mask_THW`` is a pixel mask
+    ``[T, H, W]`` (True = masked).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if video_CTHW.shape != recon_CTHW.shape or video_CTHW.shape[1:] != mask_THW.shape:
+    recons = recon_CTHW if isinstance(recon_CTHW, dict) else {"reconstruction": recon_CTHW}
+    if (
+        not recons
+        or any(r.shape != video_CTHW.shape for r in recons.values())
+        or video_CTHW.shape[1:] != mask_THW.shape
+    ):
         raise ValueError(
-            f"grid shapes disagree: video {tuple(video_CTHW.shape)}, recon {tuple(recon_CTHW.shape)}, "
-            f"mask {tuple(mask_THW.shape)}"
+            f"grid shapes disagree: video {tuple(video_CTHW.shape)}, "
+            f"recon {[tuple(r.shape) for r in recons.values()]}, mask {tuple(mask_THW.shape)}"
         )
+    titles = ["original", "masked", *recons]
     frames = min(video_CTHW.shape[1], max_frames)
-    fig, axes = plt.subplots(3, frames, figsize=(1.6 * frames, 5), squeeze=False)
+    fig, axes = plt.subplots(len(titles), frames, figsize=(1.6 * frames, 1.7 * len(titles)), squeeze=False)
     for t in range(frames):
         orig = _to_image(video_CTHW[:, t])
         masked = orig.copy()
         masked[mask_THW[t].cpu().numpy()] = 0.5
-        for row, img in enumerate((orig, masked, _to_image(recon_CTHW[:, t]))):
+        for row, img in enumerate((orig, masked, *(_to_image(r[:, t]) for r in recons.values()))):
             axes[row, t].imshow(img)
             axes[row, t].axis("off")
-    for row, title in enumerate(("original", "masked", "reconstruction")):
+    for row, title in enumerate(titles):
         axes[row, 0].set_title(title, fontsize=8, loc="left")
+    drawn = [axes[row, 0].get_title(loc="left") for row in range(len(titles))]
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    return drawn
