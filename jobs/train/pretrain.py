@@ -62,9 +62,9 @@ class PretrainTask:
                 f"decoder_mask_type is {self.model_cfg.decoder_mask_type!r}: make the loader from task.clip_spec()"
             )
         loss, pred = model(video, mask, decoder_mask)
-        # the reconstruction PNG needs a prediction for every masked token; a decoder-masked forward predicts
-        # only the K tokens its decoder mask keeps, so such a step leaves no picture
-        self._last = (video, mask, pred) if decoder_mask is None else None
+        # the reconstruction PNG needs a prediction for every masked token; a decoder-masked forward predicts only
+        # the K tokens its decoder mask keeps, so on_log predicts them all again (pred None)
+        self._last = (video, mask, pred if decoder_mask is None else None)
         return loss, {}
 
     def summarize(self, stats: dict[str, float]) -> dict[str, float]:
@@ -75,9 +75,22 @@ class PretrainTask:
         return float(pretrain_train_flops(self.model_cfg))
 
     def on_log(self, step: int, log_dir: str, model: nn.Module) -> None:
-        """Reconstruction PNG of the first clip of the last micro-batch."""
-        if self._last is not None:
-            save_grid(os.path.join(log_dir, "images", f"step_{step:08d}.png"), model, *self._last)
+        """Reconstruction PNG of the first clip of the last micro-batch. Under dual masking the step predicted only
+        the tokens its decoder mask keeps: the PNG's prediction of every masked token comes from one more forward
+        of that clip without a decoder mask (VideoMAE V2's decoder predicts any position it is asked for) — on
+        rank 0 alone, so not under FSDP, whose forward gathers parameters from every rank (no PNG there)."""
+        if self._last is None:
+            return
+        video, mask, pred = self._last
+        if pred is None:
+            if self.cfg.parallel.strategy == "fsdp":
+                return
+            was_training = model.training
+            model.eval()  # no drop path in the picture
+            with torch.no_grad():
+                _, pred = model(video[:1], mask[:1])
+            model.train(was_training)
+        save_grid(os.path.join(log_dir, "images", f"step_{step:08d}.png"), model, video, mask, pred)
 
 
 def save_grid(

@@ -143,3 +143,18 @@ def test_bad_samples_carry_decoder_masks_of_their_stand_ins():
     assert ((~none["decoder_mask"]).sum(1) == spec.num_decoded).all()
     pad_gens = [sample_generator(1, 0, "pad/7/1", str(j)) for j in range(2)]  # tube masks keep their streams
     assert torch.equal(none["mask"][2:], clip_masks(spec, pad_gens))
+
+
+def test_dual_masking_run_still_draws_its_reconstruction(shards, tmp_path):
+    """The step predicts only the K kept tokens; the logged PNG predicts every masked token with one more forward
+    without a decoder mask, so a dual-masking run shows what it learned like any other (and the PNG is there)."""
+    task = _task(shards, *RUN_CELL)
+    batch = next(iter(make_loader(task.cfg.loader, task.clip_spec())))
+    torch.manual_seed(0)
+    model = task.build_model(resuming=False)
+    task.forward(model, batch, torch.device("cpu"))
+    assert task._last[2] is None  # nothing for every masked token yet
+    task.on_log(7, str(tmp_path), model)
+    png = tmp_path / "images" / "step_00000007.png"
+    assert png.is_file() and png.stat().st_size > 0
+    assert model.training  # on_log leaves the model as it found it
