@@ -9,13 +9,17 @@ writes the resolved config into a run directory so a run can be reproduced.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import re
 import types
 import typing
 from typing import Any, TypeVar
 
 import fsspec
 import yaml
+
+from pipeline import storage
 
 T = TypeVar("T")
 
@@ -180,9 +184,6 @@ def check_override_keys(cls: type, overrides: list[str] | tuple[str, ...]) -> No
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """``(key, type, default, meaning)`` of every field of config class ``cls``, nested sections flattened to
     dotted keys; the meaning is the field's trailing ``# comment`` in the source (``vmae <cmd> --show-config``)."""
-    import inspect
-    import re
-
     notes: dict[str, str] = {}
     for klass in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):  # subclasses win
         try:
@@ -220,8 +221,6 @@ def save_config(cfg: Any, run_dir_url: str, name: str = "config.yaml", storage_c
     """Write the resolved config, with every secret redacted (``pipeline.storage.redact``), into the run
     directory (atomically; on object stores no folder or bucket is created) and return its URL.
     ``storage_cfg`` (a ``pipeline.storage.StorageConfig``) says how to reach the store."""
-    from pipeline import storage
-
     url = run_dir_url.rstrip("/") + "/" + name
     text = yaml.safe_dump(storage.redact(to_dict(cfg)), sort_keys=False)
     storage.write_bytes_atomic(url, text.encode(), storage_cfg)

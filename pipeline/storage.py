@@ -92,7 +92,7 @@ def install_credentials(creds: dict[str, str] | None) -> None:
             changed = True
     if changed:
         try:
-            import s3fs
+            import s3fs  # local import: optional (only S3 URLs need it)
 
             s3fs.S3FileSystem.clear_instance_cache()
         except ImportError:
@@ -175,7 +175,7 @@ def _transient_types() -> tuple[type[BaseException], ...]:
     botocore's connection/timeout family and its response parser (throttled responses can be malformed),
     aiohttp's client errors, fsspec's timeout — the ones s3fs itself retries."""
     types: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    try:
+    try:  # local imports: each package is optional (installed with the S3 stack)
         from botocore.exceptions import ConnectionError as BotoConnectionError
         from botocore.exceptions import HTTPClientError
         from botocore.parsers import ResponseParserError

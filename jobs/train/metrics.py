@@ -125,6 +125,7 @@ class MetricsLogger:
         self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", buffering=1)  # noqa: SIM115
         self._tb = None
         if tensorboard:
+            # local import: tensorboard costs ~1 s of start-up and only runs that ask for it need it
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=os.path.join(log_dir, "tensorboard"))
@@ -198,6 +199,7 @@ def save_reconstruction_grid(
     Clips are RGB ``[3, T, H, W]`` in ``[0, 1]`` pixel units (clamped); ``mask_THW`` is a pixel mask
     ``[T, H, W]`` (True = masked).
     """
+    # local import: matplotlib costs ~0.5 s of start-up (every Ray Train worker) and only logged steps draw
     import matplotlib
 
     matplotlib.use("Agg")

@@ -274,6 +274,7 @@ def _apply_defect(frames: np.ndarray, defect: str | None, rng: np.random.Generat
     if defect in (None, "", "duplicate"):
         return frames
     if defect == "blur":
+        # local import: torch/torchvision cost start-up and only the blur defect needs them
         import torch
         from torchvision.transforms.v2.functional import gaussian_blur
 

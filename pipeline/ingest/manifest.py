@@ -17,6 +17,7 @@ import dataclasses
 import json
 import subprocess
 from functools import cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,6 @@ class Manifest:
 @cache
 def code_version() -> str:
     """Package version plus the git commit when run from a checkout."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         v = version("vmae")
     except PackageNotFoundError:

@@ -26,6 +26,7 @@ DETECT_SIDE = 256  # px: long side of the frames given to the detector (PySceneD
 
 def raw_cuts(frames_bgr: Iterable[np.ndarray], fps: float, *, threshold: float) -> list[int]:
     """Indices ``k`` (>= 1) of every frame whose content score against frame ``k - 1`` is >= ``threshold``."""
+    # local import: scenedetect pulls in OpenCV (~0.5 s); only transcode.split=scenes uses it
     from scenedetect import ContentDetector
     from scenedetect.common import FrameTimecode
 

@@ -32,6 +32,7 @@ from av.video.reformatter import VideoReformatter
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from pipeline import storage
+from pipeline.ingest.encode import encode_mp4
 
 log = logging.getLogger(__name__)
 READ_BLOCK = 8 * 2**20
@@ -124,7 +125,7 @@ class _RGB:
 def _torchcodec_frames(data: bytes, choose: Callable[[int], Sequence[int]]) -> tuple[np.ndarray, list[int]]:
     """torchcodec's exact-seek CPU decoder (optional: needs the ``torchcodec`` package and FFmpeg's shared
     libraries on the library path)."""
-    from torchcodec.decoders import VideoDecoder
+    from torchcodec.decoders import VideoDecoder  # local import: optional backend
 
     dec = VideoDecoder(data, seek_mode="exact", num_ffmpeg_threads=1, dimension_order="NHWC", device="cpu")
     indices = [int(i) for i in choose(int(dec.metadata.num_frames))]
@@ -160,8 +161,6 @@ def backend_error(name: str) -> str | None:
     if name not in DECODERS:
         return f"unknown decode backend {name!r} (one of {BACKENDS})"
     try:
-        from pipeline.ingest.encode import encode_mp4
-
         probe = encode_mp4(np.zeros((2, 32, 64, 3), np.uint8), gop=2)
         DECODERS[name](probe, lambda n: [n - 1])
     except Exception as e:  # noqa: BLE001 - any failure means "not usable here"
