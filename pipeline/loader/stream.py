@@ -69,6 +69,14 @@ class DecodedCache(dict):
 
 
 def worker_init(_: int) -> None:
+    """A worker starts with the training process's environment as it was when the workers started (what a
+    fork gives; a fork-server or spawned worker would have the server's), e.g. the storage credentials a Ray
+    Train worker installed (``pipeline.storage.install_credentials``). It travels over the pipe that starts the
+    worker, never to disk."""
+    environ = getattr(get_worker_info().dataset, "environ", None)
+    if environ is not None:
+        os.environ.clear()
+        os.environ.update(environ)
     torch.set_num_threads(1)  # workers parallelise across samples; intra-op threads would oversubscribe
 
 
@@ -95,6 +103,7 @@ class ClipStream(IterableDataset):
         self.generation: Any = None  # shared int (ctx.RawValue), set by DecodeWorkers before workers start
         self.inboxes: list[Any] = []  # one ctx.Queue of (generation, WorkerTask) per worker process
         self._task: tuple[int, WorkerTask] | None = None  # a worker's latest task (persists across passes)
+        self.environ: dict[str, str] | None = None  # os.environ when the workers started (worker_init)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -174,8 +183,11 @@ class DecodeWorkers:
 
     def _start(self) -> DataLoader:
         ctx: multiprocessing.context.BaseContext = torch.multiprocessing.get_context(self.mp_context)
+        if self.mp_context == "forkserver":  # workers fork from a server that imported this module once
+            ctx.set_forkserver_preload([__name__])
         self.stream.generation = ctx.RawValue("q", 0)
         self.stream.inboxes = [ctx.Queue() for _ in range(self.num_workers)]
+        self.stream.environ = dict(os.environ)
         return DataLoader(
             self.stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=worker_init,
             pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor, persistent_workers=True,
@@ -191,10 +203,13 @@ class DecodeWorkers:
         assert len(tasks) == self.num_workers, "one task per worker process"
         if self.loader is None:
             self.loader = self._start()
+        # the generation first (workers read it when a pass starts), then start/resume the workers, then their
+        # tasks: no queue feeder thread runs yet in this process when the first pass forks its workers
         self.stream.generation.value += 1
+        batches = iter(self.loader)
         for inbox, task in zip(self.stream.inboxes, tasks, strict=True):
             inbox.put((self.stream.generation.value, task))
-        yield from self.loader
+        yield from batches
 
     def close(self) -> None:
         """Stop the worker processes (joined) and their queues; the next pass would start new ones."""

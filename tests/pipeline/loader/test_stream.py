@@ -166,7 +166,7 @@ def test_a_worker_error_names_its_sample_and_shard(shardset, monkeypatch):
 
     monkeypatch.setattr(stream_mod, "collate_clips", broken)  # before the workers fork: they inherit it
     for workers in (0, 2):
-        loader = make_loader(cfg_for(shardset, num_workers=workers, batch_size=1), SPEC)
+        loader = make_loader(cfg_for(shardset, num_workers=workers, batch_size=1, mp_context="fork"), SPEC)
         with pytest.raises(RuntimeError, match=r"vid00005.*shard-000001\.tar.*OSError: disk on fire"):
             batches(loader)
         loader.close()
