@@ -267,6 +267,20 @@ class VideoMAE(nn.Module):
         decoded_BK, weight_BK = masked_BM, None
         if decoder_mask_BL is not None:
             decoded_BK, weight_BK = self._decoded(mask_BL, decoder_mask_BL, B, video_BCTHW.device)
+        return self.forward_indexed(video_BCTHW, visible_BN, decoded_BK, weight_BK)
+
+    def forward_indexed(
+        self,
+        video_BCTHW: torch.Tensor,
+        visible_BN: torch.Tensor,
+        decoded_BK: torch.Tensor,
+        weight_BK: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` after the masks became device indices: encoder on ``visible_BN``, decoder predicting
+        ``decoded_BK``, target and loss (``weight_BK`` as in ``forward_loss``). Tensor work only, every shape
+        fixed by the config, no host sync: the region ``model.parallelize(compile="model")`` compiles whole
+        (the mask sorting before it reads token counts on the host, a graph break inside a compiled region)."""
+        B = video_BCTHW.shape[0]
         x_BND = self.encoder(video_BCTHW, visible_BN)
         x_BNE = self.encoder_to_decoder(x_BND)
         pos_BLE = self.decoder_pos_embed.to(dtype=x_BNE.dtype).expand(B, -1, -1)

@@ -49,7 +49,7 @@ class ParallelConfig:
     """How each worker runs the model. ``precision=auto``: bf16 autocast on GPU, fp32 on CPU."""
 
     strategy: str = "ddp"
-    compile: bool = False
+    compile: bool | str = False  # false, blocks (= true: each transformer block), model (the whole forward)
     activation_checkpointing: bool = False
     precision: str = "auto"
 
@@ -58,6 +58,12 @@ class ParallelConfig:
             raise ValueError(f"parallel.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"parallel.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not (isinstance(self.compile, bool) or self.compile in ("blocks", "model")):
+            raise ValueError(f"parallel.compile must be false, true, blocks or model, got {self.compile!r}")
+        if self.compile == "model" and self.strategy == "fsdp":
+            raise ValueError(
+                "parallel.compile=model is not supported with parallel.strategy=fsdp; use blocks"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

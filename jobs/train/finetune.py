@@ -30,7 +30,7 @@ from jobs.train.checkpointing import load_any_checkpoint, unwrap
 from jobs.train.config import AugmentSection, FinetuneConfig
 from jobs.train.launch import add_fit_arguments, run_fit
 from jobs.train.launch import fit as launch
-from jobs.train.optim import OptimConfig
+from jobs.train.optim import OptimConfig, adamw
 from model import VideoMAE, VideoMAEClassifier
 from pipeline.loader.masking import ClipSpec
 from pipeline.loader.transforms import model_input
@@ -50,9 +50,7 @@ def build_finetune_optimizer(
         no_weight_decay_list=tuple(cfg.no_weight_decay),
         layer_decay=layer_decay,
     )
-    if not groups:
-        raise ValueError("model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return adamw(groups, cfg, lr=lr)
 
 
 def make_mixup(aug: AugmentSection, num_classes: int) -> Mixup | None:

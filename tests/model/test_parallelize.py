@@ -131,3 +131,55 @@ def test_compiled_deep_model_with_drop_path_stays_under_the_recompile_limit():
     for _ in range(2):
         model(x).sum().backward()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # the block, forward (+ eval variant)
+
+
+def test_model_scope_compiles_the_whole_forward_with_eager_numbers():
+    """``compile="model"`` compiles ``forward_indexed`` (encoder, decoder, target, gathers, loss) as one graph
+    (fullgraph: a graph break would raise), leaves the blocks uncompiled, and keeps losses, gradients and keys of
+    the eager model (dynamo's eager backend: the capture, in seconds on CPU)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ref, model = _pair()
+    parallelize(model, compile="model", compile_backend="eager")
+    assert "forward_indexed" in vars(model)
+    assert all(b._compiled_call_impl is None for b in [*model.encoder.blocks, *model.decoder.blocks])
+    assert list(model.state_dict()) == list(ref.state_dict())
+    for _ in range(2):  # the second call runs the cached graph
+        assert torch.equal(_step(model), _step(ref))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    want = _grads(ref)
+    for name, grad in _grads(model).items():
+        assert torch.equal(grad, want[name]), name
+
+
+@pytest.mark.slow
+def test_model_scope_with_autograd_capture_checkpointing_and_dual_masking():
+    """aot_eager (autograd traced too) with activation checkpointing, on a VideoMAE V2 decoder-masked step:
+    loss and gradients as eager."""
+    from pipeline.loader.decoder_masking import decoder_masks
+
+    cfg = get_config("tiny", drop_path_rate=0.0, decoder_mask_type="run_cell", decoder_mask_ratio=0.5)
+    torch.manual_seed(0)
+    ref = VideoMAE(cfg)
+    torch.manual_seed(0)
+    model = parallelize(
+        VideoMAE(cfg), compile="model", compile_backend="aot_eager", activation_checkpointing=True
+    )
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size, generator=g)
+    mask = tube_mask(2, *cfg.grid, cfg.mask_ratio, g)
+    dmask = decoder_masks(cfg.grid, cfg.decoder_mask_type, cfg.decoder_mask_ratio, [g, g])
+    for m in (ref, model):
+        m(x, mask, dmask)[0].backward()
+    want = _grads(ref)
+    for name, grad in _grads(model).items():
+        assert torch.allclose(grad, want[name], atol=1e-6), name
+
+
+def test_compile_scope_is_checked():
+    with pytest.raises(ValueError, match="compile must be one of"):
+        parallelize(VideoMAE(CFG), compile="everything")
+    with pytest.raises(ValueError, match="not supported"):
+        parallelize(VideoMAE(CFG), compile="model", fsdp=True, mesh=object())

@@ -149,3 +149,39 @@ def test_sample_schedule_state_roundtrip_and_mismatch():
     other = SampleCosineSchedule(opt, peak_lr=1e-3, warmup_samples=10, total_samples=200)
     with pytest.raises(ValueError, match="total_samples"):
         other.load_state_dict(s.state_dict())
+
+
+def test_fused_option_builds_the_fused_kernel_and_matches_the_default_step():
+    """``optim.fused: true`` reaches ``torch.optim.AdamW(fused=True)`` (CPU has the fused kernel too) and takes the
+    same steps as the default kernel; ``auto`` on CPU keeps the default; both builders honour it."""
+    from jobs.train.finetune import build_finetune_optimizer
+    from model import VideoMAEClassifier, get_config
+
+    torch.manual_seed(0)
+    models = {k: _Tiny() for k in ("default", "fused")}
+    models["fused"].load_state_dict(models["default"].state_dict())
+    init = {k: v.clone() for k, v in models["default"].state_dict().items()}
+    opts = {k: build_optimizer(m, OptimConfig(fused=k == "fused"), lr=1e-2) for k, m in models.items()}
+    assert opts["fused"].defaults["fused"] is True and not opts["default"].defaults["fused"]
+    assert not build_optimizer(_Tiny(), OptimConfig(), lr=1e-2).defaults["fused"]  # default: today's kernel
+    assert not build_optimizer(_Tiny(), OptimConfig(fused="auto"), lr=1e-2).defaults[
+        "fused"
+    ]  # auto: CPU params
+    x = torch.randn(5, 4, 8)
+    for _ in range(3):
+        for k, m in models.items():
+            loss = m.head(m.norm(m.proj(x + m.pos_embed))).square().mean()
+            loss.backward()
+            opts[k].step()
+            opts[k].zero_grad()
+    for (name, a), b in zip(models["default"].named_parameters(), models["fused"].parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), name
+        assert not torch.equal(a, init[name]), name  # the steps moved every parameter
+    clf = VideoMAEClassifier(get_config("tiny"), 3)
+    assert build_finetune_optimizer(clf, OptimConfig(fused=True), layer_decay=0.75, lr=1e-3).defaults["fused"]
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_fused_option_rejects_other_values(bad):
+    with pytest.raises(ValueError, match="optim.fused"):
+        OptimConfig(fused=bad)
