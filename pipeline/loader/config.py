@@ -51,11 +51,12 @@ class LoaderConfig:
     pin_memory: bool | str = (
         "auto"  # pinned batches for a fast host-to-device copy; auto: when CUDA is visible
     )
-    # How decode workers start: "forkserver" (default) forks them from a clean server process that preloaded
-    # the loader's modules, not from the training process, whose threads (Ray's gRPC, fsspec's I/O loop, OpenMP)
-    # are not fork-safe: a plain "fork" worker crashed with a segfault in the suite after Ray had run in the same
-    # process. Workers live for the run, so the server's start-up (~2 s, once per process) is paid once.
-    mp_context: str | None = "forkserver"  # "fork", "spawn", "forkserver" or null (the platform's default)
+    # How decode workers start: null = the platform's default (fork on Linux: instant, and the workers share
+    # the parent's imports); "forkserver"/"spawn" start them from a clean process instead (for a training
+    # process whose threads are not fork-safe; each worker then imports the loader once, as workers live for
+    # the run). A fresh-clone suite run with "forkserver" as the default ended in a segfault at interpreter exit,
+    # so the default stays the one the suite has always run with.
+    mp_context: str | None = None  # "fork", "spawn", "forkserver" or null (the platform's default)
     shuffle_buffer: int = 256
     seed: int = 0
     flip: bool = True  # False for direction-sensitive data (SSv2)
