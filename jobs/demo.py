@@ -140,7 +140,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
         "difference)", "",
         f"- pretraining: {s['pretrain_steps']} steps on {s['subset_size']} curated clips, {loss}, "
         f"{s['pretrain_wall_s']:.0f} s ({s['pretrain_overhead_s']:.0f} s of it Ray Train start-up)",
-        f"- reconstruction PNG (original / masked / reconstruction): {s['recon_png']}",
+        f"- reconstruction PNG (original / masked / reconstructions with the visible and the true tubelet statistics): {s['recon_png']}",
         f"- plot: {s['plot']}", f"- report: {s['report']}", f"- pretrained model: {s['checkpoint']}",
         f"- wall time: {s['wall_s']:.0f} s ({s['ran']} cell(s) run; finished stages are skipped on a rerun)",
     ]  # fmt: skip
