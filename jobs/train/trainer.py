@@ -48,10 +48,10 @@ from jobs.train.lineage import build_lineage
 from jobs.train.metrics import MetricsLogger, StepTimer, device_peak_flops, mfu
 from jobs.train.optim import BatchPlan, SampleCosineSchedule, batch_plan, schedule_samples
 from jobs.train.prefetch import DEVICE_KEYS, Prefetcher
+from jobs.train.remote_decode import make_loader
 from jobs.train.session import LocalSession, RayTrainSession, Session, autocast_dtype, task_class, wrap
 from model.checkpoint import save_checkpoint
 from pipeline import storage
-from pipeline.loader.loader import make_loader
 from pipeline.loader.masking import ClipSpec
 
 UNITS = ("clips", "videos")

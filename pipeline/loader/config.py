@@ -30,6 +30,30 @@ from pipeline.storage import StorageConfig
 REMAINDER = ("drop", "pad")
 VERIFY = ("size", "sha256", "none")
 MP_CONTEXTS = (None, "fork", "spawn", "forkserver")
+DECODE = ("local", "remote")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RemoteDecodeConfig:
+    """How decode workers run with ``loader.decode: remote``: as Ray actors (``jobs.train.remote_decode``) on
+    the nodes that offer ``resource`` (CPU-only decode nodes, and GPU nodes whose spare cores also decode),
+    each playing a worker of the rank's epoch plan exactly as a local worker process would."""
+
+    resource: str = "decode"  # a Ray custom resource; each decode actor takes one unit of it
+    cpus: float = 1.0  # CPUs each decode actor reserves (one decoding thread)
+    in_flight: int = 2  # batches an actor may have made ahead of the rank (Ray's generator backpressure)
+    start_timeout_s: float = 300.0  # an actor not placed and started by then: an error naming the resource
+    max_replacements: int = 16  # decode actors lost (node or process died) and replaced per rank in a run
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.resource, str) or not self.resource:
+            raise ValueError(f"loader.remote.resource must name a Ray resource, got {self.resource!r}")
+        if not isinstance(self.cpus, int | float) or self.cpus < 0:
+            raise ValueError(f"loader.remote.cpus must be a number >= 0, got {self.cpus!r}")
+        positive_int("loader.remote.in_flight", self.in_flight, low=1)
+        positive_int("loader.remote.max_replacements", self.max_replacements, low=0)
+        if not isinstance(self.start_timeout_s, int | float) or not self.start_timeout_s > 0:
+            raise ValueError(f"loader.remote.start_timeout_s must be > 0, got {self.start_timeout_s!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,6 +95,11 @@ class LoaderConfig:
     decode_backend: str = (
         "auto"  # pipeline.loader.decode.BACKENDS; auto: the fastest usable one (pyav on CPU)
     )
+    # Where the decode workers run: "local" = processes of the training process's node (num_workers per rank,
+    # "auto" from its CPUs); "remote" = Ray actors on nodes with the `remote.resource` (num_workers per rank,
+    # "auto" from the cluster's units of that resource). Same plan, same batches either way.
+    decode: str = "local"  # one of DECODE
+    remote: RemoteDecodeConfig = dataclasses.field(default_factory=RemoteDecodeConfig)
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
@@ -105,6 +134,10 @@ class LoaderConfig:
             )
         if self.remainder not in REMAINDER:
             raise ValueError(f"loader.remainder must be one of {REMAINDER}, got {self.remainder!r}")
+        if self.decode not in DECODE:
+            raise ValueError(f"loader.decode must be one of {DECODE}, got {self.decode!r}")
+        if self.decode == "remote" and self.num_workers == 0:
+            raise ValueError("loader.decode=remote needs num_workers >= 1 (decode actors per rank) or auto")
         if self.mp_context not in MP_CONTEXTS:
             raise ValueError(
                 f"loader.mp_context must be fork, spawn, forkserver or null, got {self.mp_context!r}"

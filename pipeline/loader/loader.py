@@ -13,8 +13,8 @@ import dataclasses
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from pipeline.loader.config import LoaderConfig, resolve_num_workers, resolve_pin_memory
 from pipeline.loader.decode import resolve_backend
@@ -49,6 +49,21 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
+class Workers(Protocol):
+    """What runs a pass of the plan: :class:`pipeline.loader.stream.DecodeWorkers` (local processes) or the
+    Ray actors of ``jobs.train.remote_decode`` (``loader.decode: remote``)."""
+
+    def run(self, tasks: list[Any]) -> Iterator[dict[str, Any]]:
+        """Batches of one pass in rank-batch order; ``tasks[w]`` is what worker ``w`` plays."""
+
+    def close(self) -> None:
+        """Stop the workers; the next pass starts new ones."""
+
+
+# (the rank's ClipStream, the resolved config) -> the workers that execute its passes
+WorkersFactory = Callable[[ClipStream, LoaderConfig], Workers]
+
+
 class ClipLoader:
     """Iterable over one rank's batches of the current epoch (dicts, ``B = batch_size`` clips):
 
@@ -72,6 +87,7 @@ class ClipLoader:
         rank: int,
         world_size: int,
         shards: list[ShardKeys] | None = None,
+        workers: WorkersFactory | None = None,
     ):
         if not isinstance(spec, ClipSpec):
             raise ValueError(f"spec must be a ClipSpec (model.config.VideoMAEConfig.clip_spec), got {spec!r}")
@@ -79,6 +95,13 @@ class ClipLoader:
             raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+        if cfg.decode == "remote" and workers is None:
+            raise ValueError(
+                "loader.decode=remote: the decode workers are Ray actors that jobs/ start "
+                "(jobs.train.remote_decode.make_loader, which vmae pretrain/finetune use); none were given"
+            )
+        if workers is not None and not isinstance(cfg.num_workers, int):
+            raise ValueError(f"loader.num_workers={cfg.num_workers!r}: resolve it before handing in workers")
         # resolved once here: an unusable backend fails now, and every worker decodes with the same one; the
         # worker count and pinning are the machine's (pipeline.loader.config)
         cfg = dataclasses.replace(
@@ -97,7 +120,12 @@ class ClipLoader:
         expect = None if cfg.verify == "none" else [
             (s.size, s.sha256 if cfg.verify == "sha256" else "") for s in self.shards]  # fmt: skip
         stream = ClipStream(urls=[s.url for s in self.shards], expect=expect, cfg=cfg, spec=spec, cache=cache)
-        self.workers = DecodeWorkers(stream, cfg, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory)
+        if workers is None:
+            self.workers: Workers = DecodeWorkers(
+                stream, cfg, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory
+            )
+        else:
+            self.workers = workers(stream, cfg)
         self.reads: Counter[str] = (
             Counter()
         )  # samples "streamed" from shards / "cache_hits"; not resume state
@@ -223,7 +251,15 @@ class ClipLoader:
         self.stats = {**state["stats"], "skipped_by_reason": dict(state["stats"]["skipped_by_reason"])}
 
 
-def make_loader(cfg: LoaderConfig, spec: ClipSpec, *, rank: int = 0, world_size: int = 1) -> ClipLoader:
+def make_loader(
+    cfg: LoaderConfig,
+    spec: ClipSpec,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: WorkersFactory | None = None,
+) -> ClipLoader:
     """The loader of ``spec`` clips for one rank of ``world_size`` (Ray Train passes its own rank and world
-    size; jobs take ``spec`` from the model config, ``VideoMAEConfig.clip_spec``)."""
-    return ClipLoader(cfg, spec, rank=rank, world_size=world_size)
+    size; jobs take ``spec`` from the model config, ``VideoMAEConfig.clip_spec``). ``workers``: who decodes
+    (default: local worker processes; ``loader.decode: remote`` needs the Ray actors of ``jobs/``)."""
+    return ClipLoader(cfg, spec, rank=rank, world_size=world_size, workers=workers)

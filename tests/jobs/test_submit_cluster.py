@@ -89,14 +89,14 @@ class LocalCluster:
         return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _ray_start(args: list[str], env: dict[str, str], log: str) -> subprocess.Popen:
+def _ray_start(args: list[str], env: dict[str, str], log: str, cpus: int = 1) -> subprocess.Popen:
     node_ports = [
         f"--dashboard-agent-listen-port={_free_port()}",
         f"--dashboard-agent-grpc-port={_free_port()}",
         f"--runtime-env-agent-port={_free_port()}",
         f"--metrics-export-port={_free_port()}",
     ]
-    cmd = [os.path.join(BIN, "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1"]
+    cmd = [os.path.join(BIN, "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}"]
     cmd += ["--num-gpus=0", "--object-store-memory=80000000", "--disable-usage-stats", *node_ports, *args]
     with open(log, "w") as f:
         return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -284,38 +284,111 @@ def test_stop_a_sleeping_job_with_forwarded_env(local_cluster):
     assert unknown.returncode == 1 and "no job" in unknown.stderr
 
 
-def test_debug_pretrain_job_finishes_across_both_nodes(local_cluster, tmp_path):
-    """The issue's acceptance check: a debug pretrain job submitted through `vmae submit` runs its two Ray
-    Train workers on the two nodes (1 CPU each) and finishes with its checkpoints written."""
+def test_remote_decode_job_survives_losing_a_decode_node(local_cluster, tmp_path):
+    """The issue's acceptance check, with decoding on other nodes: a debug pretrain job submitted through `vmae
+    submit` runs its two Ray Train workers on the two nodes (1 CPU each) and finishes with its checkpoints
+    written. With `loader.decode=remote` they take their batches from decode actors on two decode-only nodes,
+    and one decode node is SIGKILLed mid-run: training goes on without a restart, the lost actor is replaced on
+    the other decode node, and every rank trains on exactly the keys, step by step, that the local loader
+    gives for the same seed: nothing lost or doubled."""
+    from jobs.config import load_config
+    from jobs.train.config import PretrainConfig
+    from jobs.train.metrics import read_metrics
+    from jobs.train.pretrain import PretrainTask
+    from pipeline.loader.loader import make_loader
     from tests.pipeline.shardset_helpers import make_shard_set
 
     shards = str(tmp_path / "shards")
-    make_shard_set(shards, n_videos=16, n_shards=2, frames=16, width=64, height=48, pattern="moving")
-    runs = str(tmp_path / "runs")
-    done = local_cluster.vmae(
-        "submit",
-        "--",
-        "pretrain",
-        "--config",
-        "configs/pretrain/debug.yaml",
-        f"loader.manifest={shards}/manifest.json",
-        f"storage_path={runs}",
-        "name=cluster-debug",
-        "schedule.total_steps=4",
-        "checkpoint.every_steps=2",
-        "metrics.image_every=0",
-        timeout=400,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "pretrain cluster-debug: step 4" in done.stdout, done.stdout[-3000:]
-    status = local_cluster.vmae("status", _job_id(done.stderr))
-    assert "status: SUCCEEDED" in status.stdout, status.stdout + status.stderr
-    steps = sorted(p.name for p in (tmp_path / "runs" / "cluster-debug").glob("step_*"))
-    assert steps == ["step_00000002", "step_00000004"], steps
-    metrics = [
-        json.loads(line) for line in open(tmp_path / "runs" / "cluster-debug" / "logs" / "metrics.jsonl")
+    make_shard_set(shards, n_videos=48, n_shards=4, frames=16, width=64, height=48, pattern="moving")
+    keys, temp = tmp_path / "keys", local_cluster.temp_dir
+    # decode nodes with 0 logical CPUs: Ray Train's workers (1 CPU each) never land there, and the actors ask
+    # for none (loader.remote.cpus=0); the box's 2 real cores are shared by everything anyway
+    decode = [
+        _ray_start(
+            [
+                f"--address={local_cluster.gcs}",
+                f"--temp-dir={temp}/d{i}",
+                f'--resources={{"decode": 2, "decode_node_{i}": 1}}',
+            ],
+            local_cluster.env,
+            os.path.join(temp, f"decode{i}.log"),
+            cpus=0,
+        )  # fmt: skip
+        for i in range(2)
     ]
-    assert {int(m["world_size"]) for m in metrics} == {2}
+    overrides = [
+        f"loader.manifest={shards}/manifest.json", "loader.decode=remote", "loader.num_workers=1",
+        "loader.remote.cpus=0", "loader.remote.start_timeout_s=120", "schedule.total_steps=12",
+        "checkpoint.every_steps=6", "metrics.image_every=0",
+    ]  # fmt: skip
+    try:
+        nodes = lambda: local_cluster.get("/api/v0/nodes")["data"]["result"]["result"]  # noqa: E731
+        _wait("4 alive nodes", lambda: sum(n["state"] == "ALIVE" for n in nodes()) == 4, decode,
+              [os.path.join(temp, f"decode{i}.log") for i in range(2)])  # fmt: skip
+        # one step per Ray Train health-check poll (1 s): the run outlasts the kill and the replacement
+        started = local_cluster.vmae(
+            "submit", "--no-wait", "--env", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=1", "--", "pretrain", "--config",
+            "configs/pretrain/debug.yaml", f"storage_path={tmp_path / 'runs'}", "name=remote", *overrides,
+            f"fault.keys_log={keys}",
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        job_id = started.stdout.strip()
+        metrics = tmp_path / "runs" / "remote" / "logs" / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while not (metrics.exists() and max(read_metrics(str(metrics)), default=0) >= 3):
+            status = local_cluster.get(f"/api/jobs/{job_id}")["status"]
+            assert status in ("PENDING", "RUNNING") and time.monotonic() < deadline, (
+                status, local_cluster.get(f"/api/jobs/{job_id}/logs")["logs"][-3000:])  # fmt: skip
+            time.sleep(0.3)
+        # the decode node of a live decode actor (the nodes tell themselves apart by a resource of their own)
+        actors = local_cluster.get("/api/v0/actors?limit=1000")["data"]["result"]["result"]
+        on = {a["node_id"] for a in actors if a["class_name"] == "DecodeActor" and a["state"] == "ALIVE"}
+        which = [i for i in range(2) for n in nodes() if n["node_id"] in on
+                 and f"decode_node_{i}" in n["resources_total"]]  # fmt: skip
+        assert which, (on, nodes())
+        os.killpg(decode[which[0]].pid, signal.SIGKILL)  # a decode node, with whatever its actor had made
+        decode[which[0]].wait()
+        done = local_cluster.vmae("logs", job_id, "--follow", timeout=400)
+        status = local_cluster.vmae("status", job_id)
+        assert "status: SUCCEEDED" in status.stdout, status.stdout + done.stdout[-3000:]
+        assert "pretrain remote: step 12" in done.stdout, done.stdout[-3000:]
+        # one replacement per actor lost with the node, placed on the surviving decode node
+        actors = local_cluster.get("/api/v0/actors?limit=1000")["data"]["result"]["result"]
+        placed = [a["node_id"] for a in actors if a["class_name"] == "DecodeActor"]
+        survivor = {n["node_id"] for n in nodes() if f"decode_node_{1 - which[0]}" in n["resources_total"]}
+        killed = sum(n not in survivor for n in placed)
+        assert killed >= 1 and len(placed) == 2 + killed, (placed, survivor)
+    finally:
+        for p in decode:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=30)
+    recs = read_metrics(str(metrics))
+    assert max(recs) == 12 and {int(r["world_size"]) for r in recs.values()} == {2}
+    steps = sorted(p.name for p in (tmp_path / "runs" / "remote").glob("step_*"))
+    assert steps == ["step_00000006", "step_00000012"], steps
+    trained: dict[tuple[int, int], list[list[str]]] = {}
+    for path in keys.glob("rank_*.jsonl"):
+        rank = int(path.name.split("_")[1].split("-")[0])
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            trained.setdefault((r["step"], rank), []).append(r["keys"])
+    # what the local loader gives the same two ranks for the same config (decoding here, 1 worker process each)
+    cfg = load_config(PretrainConfig, os.path.join(REPO, "configs/pretrain/debug.yaml"), overrides)
+    local_cfg = dataclasses.replace(cfg.loader, decode="local")
+    expected: dict[tuple[int, int], list[list[str]]] = {}
+    for rank in range(2):
+        loader, step = make_loader(local_cfg, PretrainTask(cfg).clip_spec(), rank=rank, world_size=2), 0
+        while step < 12:
+            for b in loader:
+                step += 1
+                expected[step, rank] = [
+                    [k for k, ok in zip(b["key"], b["valid"].tolist(), strict=True) if ok]
+                ]
+                if step == 12:
+                    break
+        loader.close()
+    assert trained == expected  # one attempt per step and rank (no restart), the local loader's keys
 
 
 def test_elastic_pretraining_survives_losing_a_node(local_cluster, tmp_path):
