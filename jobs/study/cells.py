@@ -5,7 +5,8 @@ on the target's labelled clips, evaluate both.
   content-addressed ``runs/`` folder): a Ray Train fit (``runner.pretrain: train``) or the same trainer in a
   Ray task (``local``) that exports ``<run>/final``; a ``scratch`` run exports the untrained model of its
   seed. ``pretrain.json`` (written last) is the commit, and records the run's wall time and the part of it
-  spent outside the training loop (start-up overhead).
+  spent outside the training loop (start-up overhead); a run continued from its checkpoint after a killed
+  study records the invocation that finished it.
 - :func:`finetune_eval_stage` — one Ray task per (cell, seed): finetune (``jobs.train.finetune.FinetuneTask`` in a
   ``LocalSession``: no Ray Train start-up per finetune) from the pretrained or scratch encoder with the same
   recipe, then evaluate the classifier on the target's test clips (``finetune.top1``) and the frozen encoder

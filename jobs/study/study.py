@@ -14,9 +14,12 @@ same architecture untrained), the mask and optional overrides (``pretrain.<key>`
    as each finishes, the finetune + evaluation of the cells that use it (Ray tasks running the same trainer
    without Ray Train's start-up; ``jobs.study.cells``). Runs and evaluations live under ``cache`` (default:
    the output) by content hash, so cells and studies that need the same run share it;
-3. commits ``cells/<cell id>/seed_<s>/result.json`` per run, LAST; a rerun skips committed ones;
-4. writes ``results.parquet`` (one row per cell and seed), ``results.md`` (mean ± std over seeds, chance,
-   the findings' verdicts, wall and overhead per cell) and PNG plots with error bars (``jobs.study.report``).
+3. commits ``cells/<cell id>/seed_<s>/result.json`` per run, LAST; a rerun skips committed ones and
+   resumes unfinished runs from their checkpoints, so a study killed mid-cell (``kill -9``) and run again
+   ends with the numbers of an uninterrupted run (timings aside);
+4. writes ``results.parquet`` (one row per cell and seed, in grid order), ``results.md`` (mean ± std over
+   seeds, chance, the findings' verdicts, wall and overhead per cell) and PNG plots with error bars
+   (``jobs.study.report``).
 """
 
 from __future__ import annotations
@@ -374,7 +377,14 @@ def _run_all(cfg: StudyConfig, runs: list[CellRun], data: PreparedData) -> tuple
                     for r in evals[key]:
                         results.append(_commit(cfg, r, data, pre_out[r.pretrain_id], out))
     bar.close()
-    return results, counts
+    return in_grid_order(results, runs), counts
+
+
+def in_grid_order(results: list[dict[str, Any]], runs: list[CellRun]) -> list[dict[str, Any]]:
+    """``results`` (cell results) in the order of ``runs``, not in the order they finished: a rerun lists its
+    skipped cells first and parallel runs end in any order; the report must depend on neither."""
+    order = {(r.cell_id, r.seed): i for i, r in enumerate(runs)}
+    return sorted(results, key=lambda x: order[x["cell_id"], x["seed"]])
 
 
 def run_study(cfg: StudyConfig, *, address: str | None = None) -> dict[str, Any]:
