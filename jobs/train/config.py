@@ -183,9 +183,14 @@ class PretrainConfig(TrainConfig):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AugmentSection:
-    """Batch-level regularisers of the finetuning recipe (timm ``Mixup`` arguments) and label smoothing.
+    """Regularisers of the finetuning recipe applied on the training device: random erasing (the official
+    ``--reprob/--remode/--recount``, timm's ``RandomErasing`` on the normalised clips, ``jobs.train.finetune``),
+    mixup/cutmix (timm ``Mixup`` arguments) and label smoothing. RandAugment is the loader's
+    (``loader.rand_augment``): it works on uint8 frames before the crop.
 
-    ``mixup_alpha``/``cutmix_alpha`` 0 disable each; with both 0 the loss is label-smoothed cross entropy."""
+    ``mixup_alpha``/``cutmix_alpha`` 0 disable each; with both 0 the loss is label-smoothed cross entropy.
+    ``reprob`` 0 (the default, so configs without it train as before) disables erasing; the official recipe
+    has 0.25."""
 
     mixup_alpha: float = 0.8
     cutmix_alpha: float = 1.0
@@ -193,6 +198,9 @@ class AugmentSection:
     switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
     mode: str = "batch"
     label_smoothing: float = 0.1
+    reprob: float = 0.0  # probability of erasing a box from a clip (the same box in every frame)
+    remode: str = "pixel"  # box fill: "pixel" per-pixel N(0, 1), "rand" one N(0, 1) colour, "const" 0
+    recount: int = 1  # boxes per clip drawn from 1..recount; > 1 also spares the first T // recount frames
 
     def __post_init__(self) -> None:
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
@@ -204,6 +212,12 @@ class AugmentSection:
             raise ValueError(f"augment.mode must be one of {MIXUP_MODES}, got {self.mode!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"augment.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.reprob <= 1.0:
+            raise ValueError(f"augment.reprob must be in [0, 1] (0 disables), got {self.reprob}")
+        if self.remode not in ("pixel", "rand", "const"):
+            raise ValueError(f"augment.remode must be pixel, rand or const, got {self.remode!r}")
+        if not isinstance(self.recount, int) or isinstance(self.recount, bool) or self.recount < 1:
+            raise ValueError(f"augment.recount must be an int >= 1, got {self.recount!r}")
 
     @property
     def mixing(self) -> bool:

@@ -3,7 +3,8 @@
 Supervised finetuning of a ``VideoMAEClassifier`` with Ray Train. :class:`FinetuneTask` is what finetuning adds
 to the one trainer (``jobs.train.trainer``), the recipe of the official finetuning script: the classifier initialised
 from a pretrained encoder (any checkpoint ``jobs.train.checkpointing.load_any_checkpoint`` reads), layer-wise lr decay
-(timm's ``param_groups_layer_decay`` over the model's ``group_matcher``), mixup/cutmix on whole clips,
+(timm's ``param_groups_layer_decay`` over the model's ``group_matcher``), random erasing (the same box in every
+frame, after normalisation) and mixup/cutmix on whole clips (RandAugment is the loader's: ``loader.rand_augment``),
 soft-target / label-smoothed cross entropy, drop path (model config) and repeated augmentation (the loader's
 ``num_sample``). The schedule's clock counts *videos* (``batch_size // num_sample`` per worker per
 micro-batch), as the official lr rule does. ``--resume`` continues a run directory (refused when absent; an
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
@@ -80,6 +82,33 @@ def mix_clips(
     x = video_BCTHW.reshape(b, c * t, h, w).clone()
     x, target = mixup(x, label_B)
     return x.reshape(b, c, t, h, w), target
+
+
+def erase_clips(video_BCTHW: torch.Tensor, aug: AugmentSection) -> torch.Tensor:
+    """Random erasing as the official finetuning loader does it, with timm's ``RandomErasing``: normalised clips
+    ``[B, C, T, H, W]`` -> erased copies (``video_BCTHW`` itself, untouched, with ``aug.reprob`` 0).
+
+    The official loader calls its own copy of timm's class (``random_erasing.py``, ``cube=True`` by default) on
+    each clip as ``T x C x H x W`` with ``max_count=num_splits=recount``: with probability ``reprob`` it draws
+    one box (or 1..recount) and fills it in every frame from ``T // recount`` on (all frames for recount 1),
+    each frame with its own noise. Folding ``C, T`` into timm's channel axis (``[B, C*T, H, W]``) makes timm
+    draw exactly that per clip: one probability draw and one box per clip, its fill drawn for every
+    channel of every frame. timm tries 10 boxes where the copy tries 100 before giving up; a box fails only
+    when it comes out taller or wider than the clip (< 1% of tries at 224x224), so the two differ with
+    probability < 1e-20. Draws come from Python's ``random`` (boxes) and the device's torch generator (fill):
+    this process's streams, saved and restored with every checkpoint (``jobs.train.checkpointing.RNGState``).
+    """
+    if aug.reprob == 0:
+        return video_BCTHW
+    out = video_BCTHW.clone(memory_format=torch.contiguous_format)
+    b, c, t, h, w = out.shape
+    t0 = t // aug.recount if aug.recount > 1 else 0
+    part = out[:, :, t0:]
+    folded = part.reshape(b, c * (t - t0), h, w)  # a view of `out` for recount 1, else a copy
+    RandomErasing(aug.reprob, mode=aug.remode, max_count=aug.recount, device=out.device)(folded)
+    if folded.data_ptr() != part.data_ptr():
+        part.copy_(folded.view(part.shape))
+    return out
 
 
 def make_criterion(aug: AugmentSection) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -178,6 +207,7 @@ class FinetuneTask:
         # copy the pinned host tensors; nothing is indexed on the host (an unpinned copy would turn the
         # non_blocking transfer into a synchronous one)
         video = model_input(batch["video"], device)  # uint8 from the loader, normalised on the device
+        video = erase_clips(video, self.cfg.augment)  # normalised (its fill is N(0, 1)), before mixup
         label = label.to(device, non_blocking=True)
         weight = valid.to(device, torch.float32, non_blocking=True)
         target = label

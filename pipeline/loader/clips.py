@@ -38,6 +38,7 @@ from pipeline.loader.config import LoaderConfig
 from pipeline.loader.decode import BadSample, check_length, parse_label, read_clip_frames
 from pipeline.loader.decoder_masking import decoder_masks
 from pipeline.loader.masking import ClipSpec, clip_masks
+from pipeline.loader.rand_augment import rand_augment, rand_augment_frames
 from pipeline.loader.transforms import crop_clip, sample_crop, stack_clips
 
 
@@ -107,6 +108,8 @@ def make_clips(
 
     Returns ``(video_RCTSS uint8, mask_RL bool)``: the ``R`` clips share one decode (each has its own crop,
     flip and mask); :func:`pipeline.loader.transforms.normalize` makes the float input on the training device.
+    With ``cfg.rand_augment`` set, clip ``r`` first gets its own RandAugment of the whole frames, drawn from
+    stream ``ra{r}`` (:mod:`pipeline.loader.rand_augment`), so every other draw is the same as without it.
     Raises :class:`pipeline.loader.decode.BadSample` for undecodable or too-short videos.
     """
     g_time = sample_generator(seed, epoch, key, "time")
@@ -123,13 +126,18 @@ def make_clips(
         )
     frames_TCHW = torch.from_numpy(frames_THWC).permute(0, 3, 1, 2)
     height, width = frames_TCHW.shape[-2:]
+    ra = None if cfg.rand_augment is None else rand_augment(cfg.rand_augment, spec.input_size)
     clips, mask_gens = [], []
     for r in range(cfg.num_sample):
         g = sample_generator(seed, epoch, key, f"aug{r}")
         crop = sample_crop(
             width, height, input_size=spec.input_size, scales=cfg.scales, flip=cfg.flip, generator=g
         )
-        clips.append(crop_clip(frames_TCHW, crop, input_size=spec.input_size))
+        source_TCHW = frames_TCHW
+        if ra is not None:  # the official order: RandAugment on the whole frames, then crop and flip
+            augmented = rand_augment_frames(frames_THWC, ra, sample_generator(seed, epoch, key, f"ra{r}"))
+            source_TCHW = torch.from_numpy(augmented).permute(0, 3, 1, 2)
+        clips.append(crop_clip(source_TCHW, crop, input_size=spec.input_size))
         mask_gens.append(sample_generator(seed, epoch, key, f"mask{r}"))
     return stack_clips(clips), clip_masks(spec, mask_gens)
 

@@ -100,6 +100,10 @@ class LoaderConfig:
     # "auto" from the cluster's units of that resource). Same plan, same batches either way.
     decode: str = "local"  # one of DECODE
     remote: RemoteDecodeConfig = dataclasses.field(default_factory=RemoteDecodeConfig)
+    # RandAugment of the official finetuning loader (its `--aa`, e.g. "rand-m7-n4-mstd0.5-inc1"), timm's
+    # implementation: one draw per clip, the same ops on all its frames, before the crop
+    # (pipeline.loader.rand_augment); null = none (pretraining, and every clip bit-identical to before)
+    rand_augment: str | None = None
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
@@ -142,6 +146,10 @@ class LoaderConfig:
             raise ValueError(
                 f"loader.mp_context must be fork, spawn, forkserver or null, got {self.mp_context!r}"
             )
+        if self.rand_augment is not None:
+            from pipeline.loader.rand_augment import rand_augment
+
+            rand_augment(self.rand_augment, 224)  # raises ValueError unless timm parses it
 
     @property
     def videos_per_batch(self) -> int:
