@@ -58,6 +58,19 @@ def _containers(pod_template: dict) -> list[dict]:
     return pod_template["spec"]["containers"]
 
 
+def _check_ray_auth(env: list[dict], where: str) -> None:
+    """Token authentication on, the token from the Secret vmae-ray-auth (required: a pod without it must not
+    start) and never a literal value."""
+    by_name = {e["name"]: e for e in env}
+    assert by_name["RAY_AUTH_MODE"].get("value") == "token", where
+    token = by_name["RAY_AUTH_TOKEN"]
+    assert "value" not in token and token["valueFrom"]["secretKeyRef"] == {
+        "name": "vmae-ray-auth",
+        "key": "auth_token",
+    }
+    assert not token["valueFrom"]["secretKeyRef"].get("optional"), where
+
+
 def test_raycluster_groups_resources_and_credentials():
     rc = _one("kuberay/raycluster.yaml", "RayCluster")
     assert rc["apiVersion"] == "ray.io/v1" and rc["spec"]["rayVersion"] == ray.__version__
@@ -65,6 +78,13 @@ def test_raycluster_groups_resources_and_credentials():
     assert head["rayStartParams"]["num-cpus"] == "0"
     groups = {g["groupName"]: g for g in rc["spec"]["workerGroupSpecs"]}
     assert set(groups) == {"cpu-decode", "gpu-train"}
+    # loader.decode=remote places its decode actors by this resource (RemoteDecodeConfig.resource)
+    from pipeline.loader.config import RemoteDecodeConfig
+
+    decode = json.loads(yaml.safe_load(groups["cpu-decode"]["rayStartParams"]["resources"]))
+    assert decode == {
+        RemoteDecodeConfig().resource: float(groups["cpu-decode"]["rayStartParams"]["num-cpus"])
+    }
     for name, group in groups.items():
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], name
         limits = _containers(group["template"])[0]["resources"]["limits"]
@@ -84,8 +104,10 @@ def test_raycluster_groups_resources_and_credentials():
         )
         container = _containers(template)[0]
         refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
-        assert set(refs) == S3_VARS, where
-        assert all(r["name"] == secret["metadata"]["name"] and r["key"] == k for k, r in refs.items()), where
+        assert set(refs) == S3_VARS | {"RAY_AUTH_TOKEN"}, where
+        assert all(r["name"] == secret["metadata"]["name"] and r["key"] == k
+                   for k, r in refs.items() if k in S3_VARS), where  # fmt: skip
+        _check_ray_auth(container["env"], where)
         # object store: /dev/shm is memory-backed and at least as large as Ray's object store
         params = (head if where == "head" else groups[where])["rayStartParams"]
         (shm,) = [v for v in spec["volumes"] if v["name"] == "dshm"]
@@ -105,6 +127,8 @@ def test_rayjob_runs_a_vmae_command_on_the_cluster():
     config = argv[argv.index("--config") + 1]
     assert os.path.isfile(os.path.join(REPO, config)), config
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["PYTHONUNBUFFERED"] == "1"
+    (submitter,) = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    _check_ray_auth(submitter["env"], "rayjob submitter")  # the Jobs API asks for the cluster's token
 
 
 def test_cluster_launcher_yaml_matches_rays_schema():
@@ -116,6 +140,15 @@ def test_cluster_launcher_yaml_matches_rays_schema():
     assert types["head"]["resources"]["CPU"] == 0
     assert types["gpu_train"]["resources"]["GPU"] > 0 and "GPU" not in types["cpu_decode"]["resources"]
     assert all("IamInstanceProfile" in t["node_config"] for t in types.values())
+    # decode actors (loader.decode=remote) on the CPU nodes, one per core, and on the GPU nodes' spare cores
+    assert types["cpu_decode"]["resources"]["decode"] == types["cpu_decode"]["resources"]["CPU"]
+    assert 0 < types["gpu_train"]["resources"]["decode"] < types["gpu_train"]["resources"]["CPU"]
+    # token auth: on in every node's `ray start`, the token only as Ray's default file, copied by file_mounts
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in cfg[key] if "ray start" in c]
+        assert start.index("export RAY_AUTH_MODE=token") < start.index("ray start"), key
+    assert cfg["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    assert "RAY_AUTH_TOKEN" not in open(os.path.join(INFRA, "aws", "cluster.yaml")).read()
 
 
 def test_dockerfile_pins_match_the_project():
