@@ -11,6 +11,12 @@ rates are per clip, medians over rounds, and a ratio is the median of per-round 
 exporting the vectors from the loader's own decode pass would add (``wired_ratio``), instead of a second pass
 (``extra_ratio``).
 
+The loader as wired (``model.mask_type: motion``): ``make_clips`` with a motion spec against the same call with
+the tube spec, on the same bytes, interleaved with the turns above, at ``num_sample`` 1 and 4 (repeated
+sampling shares one motion decode among the clips of a video, as it shares the frame decode):
+``loader_ratio_r1`` / ``loader_ratio_r4`` are the medians of per-round motion / tube ms per clip. Its masks are
+checked against the path timed above (same clip, same mask).
+
     python benchmarks/motion_cost.py [--quick]
 
 JSON to benchmarks/results/motion_cost.json; the last line is ``RESULT motion_cost key=value ...``.
@@ -40,6 +46,8 @@ from pipeline.loader.transforms import sample_crop
 NAME = "motion_cost"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{NAME}.json")
 SPEC = get_config("vit_b").clip_spec()  # 16 x 224^2, 2 x 16^2 tubelets, tube mask 0.9
+MOTION = get_config("vit_b", mask_type="motion").clip_spec()  # the same clips, motion-guided masks
+REPEATS = (1, 4)  # loader.num_sample of the make_clips turns
 
 
 def shard_like(i: int, frames: int) -> bytes:
@@ -67,8 +75,8 @@ def refs_decode(data: bytes, first: int, last: int) -> int:
     return len(out)
 
 
-def motion_clip(data: bytes, n: int, key: str, cfg: LoaderConfig, timings: dict[str, float]) -> int:
-    """The motion path for the clip ``make_clips`` cuts (same indices and crop); returns masked tokens."""
+def motion_clip(data: bytes, n: int, key: str, cfg: LoaderConfig, timings: dict[str, float]) -> torch.Tensor:
+    """The motion path for the clip ``make_clips`` cuts (same indices and crop); returns its mask."""
     g_time = sample_generator(0, 0, key, "time")
     indices = sample_frame_indices(n, SPEC.num_frames, cfg.sampling_rate, g_time)
     t0 = time.perf_counter()
@@ -87,7 +95,7 @@ def motion_clip(data: bytes, n: int, key: str, cfg: LoaderConfig, timings: dict[
     timings["decode_motion"] += t1 - t0
     timings["motion_field"] += t2 - t1
     timings["motion_masks"] += t3 - t2
-    return int(mask.sum())
+    return mask
 
 
 def main() -> None:
@@ -98,23 +106,45 @@ def main() -> None:
     torch.set_num_threads(1)
     videos, frames, rounds = (3, 96, 3) if args.quick else (8, 150, 7)
     cfg = LoaderConfig(manifest="unused", batch_size=1)  # only the clip settings are used
+    cfgs = {n: LoaderConfig(manifest="unused", batch_size=n, num_sample=n) for n in REPEATS}
     data = [shard_like(i, frames) for i in range(videos)]
     load_before = os.getloadavg()[0]
     per_round: list[dict[str, float]] = []
+    loader_turns = [f"{kind}_r{n}" for n in REPEATS for kind in ("tube", "motion")]  # make_clips turns
     for r in range(rounds):
         t = dict.fromkeys(
-            ("make_clips", "decode_motion", "motion_field", "motion_masks", "refs_decode_no_export"), 0.0
+            (
+                "make_clips",
+                "decode_motion",
+                "motion_field",
+                "motion_masks",
+                "refs_decode_no_export",
+                *loader_turns,
+            ),
+            0.0,
         )
         for i, mp4 in enumerate(data):
             key = f"v{i:03d}"
-            turns = ["loader", "motion"] if (r + i) % 2 == 0 else ["motion", "loader"]
-            for turn in turns:
+            turns = ["loader", "motion", *loader_turns]
+            shift = (r * len(data) + i) % len(turns)  # every turn takes every place in the order in turn
+            masks = {}
+            for turn in turns[shift:] + turns[:shift]:
                 if turn == "loader":
                     t0 = time.perf_counter()
                     make_clips(mp4, key, SPEC, cfg, seed=0, epoch=0)
                     t["make_clips"] += time.perf_counter() - t0
+                elif turn == "motion":
+                    masks[turn] = motion_clip(mp4, frames, key, cfg, t)
                 else:
-                    assert motion_clip(mp4, frames, key, cfg, t) == SPEC.num_masked
+                    kind, n = turn.split("_r")
+                    t0 = time.perf_counter()
+                    _, masks[turn] = make_clips(mp4, key, MOTION if kind == "motion" else SPEC, cfgs[int(n)],
+                                                seed=0, epoch=0)  # fmt: skip
+                    t[turn] += (time.perf_counter() - t0) / int(n)  # per clip
+            assert int(masks["motion"].sum()) == SPEC.num_masked
+            for n in REPEATS:  # clip 0 is the clip motion_clip cuts: the loader drew the same mask
+                assert torch.equal(masks[f"motion_r{n}"][0], masks["motion"])
+                assert (masks[f"motion_r{n}"].sum(1) == SPEC.num_masked).all()
         per_round.append({k: v / videos * 1e3 for k, v in t.items()})  # ms per clip
     med = {k: statistics.median(row[k] for row in per_round) for k in per_round[0]}
     extra = [row["decode_motion"] + row["motion_field"] + row["motion_masks"] for row in per_round]
@@ -124,6 +154,9 @@ def main() -> None:
     wired = [row["decode_motion"] - row["refs_decode_no_export"] + row["motion_field"] + row["motion_masks"]
              for row in per_round]  # fmt: skip
     wired_ratio = statistics.median(e / row["make_clips"] for e, row in zip(wired, per_round, strict=True))
+    loader = {
+        n: statistics.median(row[f"motion_r{n}"] / row[f"tube_r{n}"] for row in per_round) for n in REPEATS
+    }
     result = {
         "quick": args.quick,
         "what": "ms per clip, one core: make_clips (loader's decode + crop + tube mask) vs the motion path",
@@ -135,6 +168,7 @@ def main() -> None:
         "motion_extra_over_make_clips": round(ratio, 3),
         "decode_motion_over_make_clips": round(decode_ratio, 3),
         "wired_extra_over_make_clips": round(wired_ratio, 3),
+        "loader_motion_over_tube": {f"num_sample_{n}": round(v, 3) for n, v in loader.items()},
         "per_round": per_round,
         "machine": machine(load_avg_1m_before=load_before),
     }
@@ -143,7 +177,9 @@ def main() -> None:
         json.dump(result, f, indent=1)
     keys = {f"{k}_ms": round(v, 2) for k, v in med.items()}
     keys |= {"extra_ratio": round(ratio, 3), "decode_ratio": round(decode_ratio, 3),
-             "wired_ratio": round(wired_ratio, 3), "load": round(os.getloadavg()[0], 2)}  # fmt: skip
+             "wired_ratio": round(wired_ratio, 3)}  # fmt: skip
+    keys |= {f"loader_ratio_r{n}": round(v, 3) for n, v in loader.items()}
+    keys["load"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result["ms_per_clip_median"]))
     print(f"RESULT {NAME} " + " ".join(f"{k}={v}" for k, v in keys.items()))
 

@@ -92,8 +92,15 @@ class LearnabilitySection:
             raise ValueError(
                 f"learnability.mask_type must be one of {MASK_TYPES} or null, got {self.mask_type!r}"
             )
+        if self.mask_type is not None and mask_kind(self.mask_type).follows_motion:
+            raise ValueError(_per_clip(f"learnability.mask_type {self.mask_type!r}"))
         if self.mask_ratio is not None:
             check_mask_ratio(self.mask_ratio, name="learnability.mask_ratio")
+
+
+def _per_clip(what: str) -> str:
+    return (f"{what} follows each clip's own motion; learnability measures every clip under one fixed mask: "
+            "set learnability.mask_type to tube or random")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -120,6 +127,8 @@ def fixed_mask(model: nn.Module, cfg: LearnabilitySection) -> torch.Tensor:
     and ratio."""
     spec = model.cfg.clip_spec()
     kind, ratio = cfg.mask_type or spec.mask_type, cfg.mask_ratio or spec.mask_ratio
+    if mask_kind(kind).follows_motion:  # the checkpoint's own type, learnability.mask_type null
+        raise ValueError(_per_clip(f"the checkpoint's mask_type {kind!r}"))
     draw = mask_kind(kind).draw
     return draw(1, *spec.token_grid, ratio, torch.Generator().manual_seed(cfg.mask_seed))[0]
 

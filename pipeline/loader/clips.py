@@ -38,6 +38,7 @@ from pipeline.loader.config import LoaderConfig
 from pipeline.loader.decode import BadSample, check_length, parse_label, read_clip_frames
 from pipeline.loader.decoder_masking import decoder_masks
 from pipeline.loader.masking import ClipSpec, clip_masks
+from pipeline.loader.motion import VideoMotion, decode_motion, motion_field, motion_masks
 from pipeline.loader.rand_augment import rand_augment, rand_augment_frames
 from pipeline.loader.transforms import crop_clip, sample_crop, stack_clips
 
@@ -110,24 +111,38 @@ def make_clips(
     flip and mask); :func:`pipeline.loader.transforms.normalize` makes the float input on the training device.
     With ``cfg.rand_augment`` set, clip ``r`` first gets its own RandAugment of the whole frames, drawn from
     stream ``ra{r}`` (:mod:`pipeline.loader.rand_augment`), so every other draw is the same as without it.
+
+    ``spec.mask_type == "motion"``: the clip's motion vectors are read once (a decode pass of their own,
+    :func:`pipeline.loader.motion.decode_motion`) and clip ``r``'s mask follows them through its crop and flip,
+    from the same stream ``mask{r}`` (a motionless clip gets exactly its tube mask). RandAugment's geometric
+    ops move content the field does not see (the field is the unaugmented video's). It needs the bytes:
+    decoded frames (``loader.cache``) are a ``ValueError``.
     Raises :class:`pipeline.loader.decode.BadSample` for undecodable or too-short videos.
     """
+    motion = spec.mask_type == "motion"
+    if motion and isinstance(source, np.ndarray):
+        raise ValueError(
+            f"sample {key!r}: mask_type motion reads the video's motion vectors, but loader.cache gave decoded "
+            "frames; set loader.cache=false"
+        )
     g_time = sample_generator(seed, epoch, key, "time")
     if isinstance(source, np.ndarray):
         check_length(key, len(source), cfg.min_frames)
-        frames_THWC = source[sample_frame_indices(len(source), spec.num_frames, cfg.sampling_rate, g_time)]
+        indices = sample_frame_indices(len(source), spec.num_frames, cfg.sampling_rate, g_time)
+        frames_THWC = source[indices]
     else:
-        frames_THWC, _, _ = read_clip_frames(
+        frames_THWC, indices, _ = read_clip_frames(
             source,
             lambda n: sample_frame_indices(n, spec.num_frames, cfg.sampling_rate, g_time),
             key=key,
             min_frames=cfg.min_frames,
             backend=cfg.decode_backend,
         )
+    vectors = _clip_motion(source, indices, key) if motion else None
     frames_TCHW = torch.from_numpy(frames_THWC).permute(0, 3, 1, 2)
     height, width = frames_TCHW.shape[-2:]
     ra = None if cfg.rand_augment is None else rand_augment(cfg.rand_augment, spec.input_size)
-    clips, mask_gens = [], []
+    clips, mask_gens, masks = [], [], []
     for r in range(cfg.num_sample):
         g = sample_generator(seed, epoch, key, f"aug{r}")
         crop = sample_crop(
@@ -139,7 +154,19 @@ def make_clips(
             source_TCHW = torch.from_numpy(augmented).permute(0, 3, 1, 2)
         clips.append(crop_clip(source_TCHW, crop, input_size=spec.input_size))
         mask_gens.append(sample_generator(seed, epoch, key, f"mask{r}"))
-    return stack_clips(clips), clip_masks(spec, mask_gens)
+        if vectors is not None:
+            field = motion_field(vectors, indices, crop, grid=spec.token_grid, tubelet_size=spec.tubelet_size)
+            masks.append(motion_masks(field, spec.mask_ratio, mask_gens[-1]))
+    return stack_clips(clips), torch.stack(masks) if masks else clip_masks(spec, mask_gens)
+
+
+def _clip_motion(data: bytes, indices: Sequence[int], key: str) -> VideoMotion:
+    """The motion vectors around a clip's frames; a video whose frames decode but whose vectors do not is a
+    :class:`BadSample` (skipped like an undecodable one)."""
+    try:
+        return decode_motion(data, indices)
+    except Exception as e:  # noqa: BLE001 - any failure to read the vectors is a verdict on this file
+        raise BadSample(key, f"motion vectors unreadable: {type(e).__name__}: {e}") from e
 
 
 def clip_decoder_masks(

@@ -95,6 +95,11 @@ class ClipLoader:
             raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+        if cfg.cache and spec.mask_type == "motion":
+            raise ValueError(
+                "loader.cache keeps decoded frames, but mask_type motion reads each video's motion vectors "
+                "from its bytes: set loader.cache=false"
+            )
         if cfg.decode == "remote" and workers is None:
             raise ValueError(
                 "loader.decode=remote: the decode workers are Ray actors that jobs/ start "

@@ -9,7 +9,9 @@ and the model config derives from them. Every mask has the same number of masked
 ``count`` of its :data:`MASKS` entry), which the model needs to batch visible tokens without padding.
 
 Mask types are one table, :data:`MASKS` (type -> count formula and draw); an unknown type is a ``ValueError``,
-never a fallback. VideoMAE V2's decoder masks (:mod:`pipeline.loader.decoder_masking`) are part of the spec too.
+never a fallback. ``motion`` masks follow the clip's motion vectors, so the loader draws them from the video
+(:func:`pipeline.loader.clips.make_clips`); their table entry holds their tube count and motionless case.
+VideoMAE V2's decoder masks (:mod:`pipeline.loader.decoder_masking`) are part of the spec too.
 
 Legend: ``B`` batch, ``t, h, w`` token grid (``T'``, ``H'``, ``W'``), ``L = t*h*w``; masks are bool ``[B, L]``
 with True = masked, tokens ordered ``(t, h, w)``.
@@ -101,15 +103,22 @@ def random_mask(
 @dataclasses.dataclass(frozen=True)
 class MaskKind:
     """One mask type: ``count(t, h, w, ratio)`` masked tokens per clip, and ``draw(batch, t, h, w, ratio,
-    generator)`` -> bool ``[batch, L]`` masks with exactly that many True per row."""
+    generator)`` -> bool ``[batch, L]`` masks with exactly that many True per row.
+
+    ``follows_motion``: the loader draws this type from each clip's own motion vectors
+    (:func:`pipeline.loader.clips.make_clips`, :mod:`pipeline.loader.motion`); ``draw`` is then only its
+    motionless case, what a clip without video (a padded slot) gets, and no fixed mask can stand for it."""
 
     count: Callable[[int, int, int, float], int]
     draw: Callable[..., torch.Tensor]
+    follows_motion: bool = False
 
 
 MASKS: dict[str, MaskKind] = {
     "tube": MaskKind(_tube_count, tube_mask),
     "random": MaskKind(_random_count, random_mask),
+    # motion-guided tubes (pipeline.loader.motion.motion_masks): the tube count; zero motion = the tube mask
+    "motion": MaskKind(_tube_count, tube_mask, follows_motion=True),
 }
 MASK_TYPES = tuple(MASKS)  # what a model can be pretrained with; "none" (finetuning) is a ClipSpec's
 CLIP_MASK_TYPES = (*MASK_TYPES, "none")
@@ -123,8 +132,8 @@ def mask_kind(mask_type: str) -> MaskKind:
 
 
 def num_masked(t: int, h: int, w: int, ratio: float, mask_type: str) -> int:
-    """Masked tokens per clip of grid ``(t, h, w)``: tube masks ``round(ratio*h*w)`` positions in every time
-    slice, random masks ``round(ratio*t*h*w)`` anywhere, ``none`` masks nothing."""
+    """Masked tokens per clip of grid ``(t, h, w)``: tube and motion masks ``round(ratio*h*w)`` positions in
+    every time slice, random masks ``round(ratio*t*h*w)`` anywhere, ``none`` masks nothing."""
     if mask_type == "none":
         return 0
     if mask_type not in MASKS:
@@ -194,7 +203,8 @@ class ClipSpec:
 
 
 def clip_masks(spec: ClipSpec, generators: list[torch.Generator]) -> torch.Tensor:
-    """One mask per generator: bool ``[len(generators), L]``, True = masked (all False for ``none``)."""
+    """One mask per generator: bool ``[len(generators), L]``, True = masked (all False for ``none``; for
+    ``motion``, without a video, the motionless case: the tube mask)."""
     t, h, w = spec.token_grid
     if spec.mask_type == "none":
         return torch.zeros(len(generators), t * h * w, dtype=torch.bool)

@@ -35,6 +35,7 @@ RUN_CELL = {"decoder_mask_type": "run_cell", "decoder_mask_ratio": 0.5}
         {},
         {"mask_ratio": 0.5, "encoder_depth": 3},
         {"mask_type": "random"},
+        {"mask_type": "motion"},  # the tube count (its masks come from the loader; a tube mask has its shape)
         RUN_CELL,
         {**RUN_CELL, "decoder_mask_ratio": 0.75},
     ],

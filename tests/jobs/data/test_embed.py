@@ -132,6 +132,14 @@ def test_embed_cli_and_bad_input(shard_set, tmp_path, capsys):
     assert "device must be one of" in capsys.readouterr().err
     with pytest.raises(ValueError, match="learnability.mask_type"):
         LearnabilitySection(mask_type="block")
+    with pytest.raises(ValueError, match="learnability.mask_type 'motion' follows each clip's own motion"):
+        LearnabilitySection(mask_type="motion")  # one fixed mask cannot follow every clip's motion
+    motion = VideoMAE(get_config("tiny", mask_type="motion"))
+    with pytest.raises(ValueError, match="the checkpoint's mask_type 'motion' follows"):
+        fixed_mask(motion, LearnabilitySection())  # null: the checkpoint's type, refused as well
+    assert torch.equal(
+        fixed_mask(motion, LearnabilitySection(mask_type="tube")), fixed_mask(_model(), LearnabilitySection())
+    )
 
 
 def test_probe_without_a_mask_is_the_plain_embedding():

@@ -65,6 +65,8 @@ def test_every_study_config_loads_and_resolves(path):
             assert spec.mask_ratio == r.params["mask_ratio"]
         if r.params["mask_type"] is not None:
             assert spec.mask_type == r.params["mask_type"]
+        if spec.mask_type == "motion":
+            assert not pc.loader.cache  # motion masks read the bytes; the decoded-frame cache has none
         if cfg.finetune is not None:
             ft = r.job["finetune"]
             assert (

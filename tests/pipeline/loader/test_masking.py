@@ -134,7 +134,7 @@ def _spec(**kw):
 def test_unknown_mask_type_is_an_error_never_a_fallback():
     """The dispatch is the MASKS table: a type missing from it raises, naming the type, wherever it is used —
     even on a spec whose validation was bypassed (before, anything not "tube" drew a random mask)."""
-    assert MASK_TYPES == tuple(masking.MASKS) == ("tube", "random")
+    assert MASK_TYPES == tuple(masking.MASKS) == ("tube", "random", "motion")
     with pytest.raises(ValueError, match="mask_type must be one of .* got 'block'"):
         mask_kind("block")
     spec = _spec(mask_ratio=0.5, mask_type="tube")
