@@ -70,7 +70,7 @@ def pretrain_stage(pcfg: PretrainConfig, init: str, launcher: str = "train") -> 
             fit(pcfg, resume=run_exists(pcfg))
         else:
             run_local(PretrainTask(pcfg), run_url=pcfg.run_url, log_dir=local_log_dir(pcfg),
-                      export_url=export_url(pcfg), device="cpu")  # fmt: skip
+                      export_url=export_url(pcfg), device=run_device(pcfg.scaling.use_gpu))  # fmt: skip
         if not storage.exists(storage.join(info["checkpoint"], DONE)):
             raise RuntimeError(f"pretraining {pcfg.run_url} ended without its exported model")
         logs = local_log_dir(pcfg)
@@ -127,6 +127,20 @@ def evaluate_checkpoint(
     return evaluate(cfg)
 
 
+def run_device(use_gpu: bool) -> str:
+    """Where an in-process (``run_local``) fit of a config runs: its ``scaling.use_gpu`` says, as under Ray
+    Train (the study gives such a task one GPU, ``job_gpus``); a GPU config with no GPU visible is an error,
+    not a silent CPU run."""
+    if use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("a scaling.use_gpu=true fit found no CUDA device in its Ray task")
+    return "cuda" if use_gpu else "cpu"
+
+
+def job_gpus(job: dict[str, Any]) -> int:
+    """GPUs a finetune/eval task of ``job`` asks Ray for: one when its finetune config trains on GPU."""
+    return int(bool(job["finetune"] and job["finetune"]["scaling"]["use_gpu"]))
+
+
 def finetune_eval_stage(job: dict[str, Any]) -> dict[str, Any]:
     """Finetune + evaluate one (cell, seed); ``job`` holds plain values (it crosses into a Ray task):
     ``finetune`` (a resolved FinetuneConfig dict or None), ``encoder`` (the pretrained/scratch export),
@@ -140,7 +154,7 @@ def finetune_eval_stage(job: dict[str, Any]) -> dict[str, Any]:
         final = export_url(fcfg)
         if not storage.exists(storage.join(final, DONE)):
             run_local(FinetuneTask(fcfg), run_url=fcfg.run_url, log_dir=local_log_dir(fcfg), export_url=final,
-                      device="cpu")  # fmt: skip
+                      device=run_device(fcfg.scaling.use_gpu))  # fmt: skip
         out["finetune_wall_s"] = round(time.time() - t0, 3)
         report = evaluate_checkpoint(ref, tuple(job["eval_overrides"]), checkpoint=final, test=test, train=None,
                                      output=storage.join(job["out"], "finetuned.json"))  # fmt: skip

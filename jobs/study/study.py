@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from jobs.config import load_config, save_config, to_dict
 from jobs.ray_utils import init_ray
-from jobs.study.cells import finetune_config, finetune_eval_stage, pretrain_stage
+from jobs.study.cells import finetune_config, finetune_eval_stage, job_gpus, pretrain_stage
 from jobs.study.data import DataConfig, JobRef, PreparedData, digest, prepare_data, resolve_path
 from jobs.study.report import NAMED_PARAMS, write_report
 from jobs.train.config import PretrainConfig
@@ -343,14 +343,16 @@ def _run_all(cfg: StudyConfig, runs: list[CellRun], data: PreparedData) -> tuple
     def do_pretrain(r: CellRun) -> dict:
         init, launcher = r.params["init"], cfg.runner.pretrain
         if launcher == "local" and init == "pretrained":
-            return ray.get(pre_task.remote(creds, r.pretrain, init, launcher))
+            gpus = int(r.pretrain.scaling.use_gpu)
+            return ray.get(pre_task.options(num_gpus=gpus).remote(creds, r.pretrain, init, launcher))
         return pretrain_stage(r.pretrain, init, launcher)
 
     def do_eval(eval_id: str) -> dict:
         url = storage.join(evals[eval_id][0].job["out"], RESULT_NAME)
         if storage.exists(url):
             return json.loads(storage.read_bytes(url))
-        out = ray.get(stage.remote(creds, evals[eval_id][0].job))
+        job = evals[eval_id][0].job
+        out = ray.get(stage.options(num_gpus=job_gpus(job)).remote(creds, job))
         storage.write_bytes_atomic(url, json.dumps(out, indent=1).encode())
         return out
 
