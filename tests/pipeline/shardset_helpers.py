@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 from collections.abc import Callable
 
@@ -128,3 +129,14 @@ def make_shard_set(
                         code_version="test", created="test")  # fmt: skip
     write_manifest(storage.join(url, MANIFEST_NAME), manifest)
     return read_manifest(url)
+
+
+def take(loader, limit: int | None = None) -> list[dict]:
+    """The batches of ``loader``'s current pass: all of them, or the first ``limit`` (then the pass is left
+    half way, as a ``break`` leaves it)."""
+    return list(itertools.islice(loader, limit))
+
+
+def run_epoch(loader, limit: int | None = None) -> list[tuple]:
+    """``(keys, video, mask, label, valid)`` of the batches :func:`take` returns."""
+    return [(tuple(b["key"]), b["video"], b["mask"], b["label"], b["valid"]) for b in take(loader, limit)]

@@ -18,7 +18,7 @@ from pipeline.loader.decode import BadSample
 from pipeline.loader.decoder_masking import running_cell_mask
 from pipeline.loader.loader import make_loader
 from pipeline.loader.masking import clip_masks
-from tests.pipeline.shardset_helpers import make_shard_set
+from tests.pipeline.shardset_helpers import make_shard_set, take
 
 DEBUG = "configs/pretrain/debug.yaml"
 RUN_CELL = ["model.overrides.decoder_mask_type=run_cell", "model.overrides.decoder_mask_ratio=0.5"]
@@ -33,15 +33,6 @@ def shards(tmp_path_factory):
 
 def _task(url: str, *overrides: str) -> PretrainTask:
     return PretrainTask(load_config(PretrainConfig, DEBUG, [f"loader.manifest={url}", *overrides]))
-
-
-def _epoch(loader, limit=None) -> list[dict]:
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if limit is not None and len(out) == limit:
-            break
-    return out
 
 
 def test_run_cell_decodes_fewer_tokens_and_its_flops_are_counted(shards):
@@ -101,14 +92,14 @@ def test_decoder_masks_are_drawn_per_sample_and_resume_bit_identically(shards):
     spec, lcfg = task.clip_spec(), task.cfg.loader
     full = make_loader(lcfg, spec, rank=0, world_size=2)
     full.set_epoch(3)
-    want = _epoch(full)
+    want = take(full)
     first = make_loader(lcfg, spec, rank=0, world_size=2)
     first.set_epoch(3)
-    head = _epoch(first, limit=1)
+    head = take(first, limit=1)
     resumed = make_loader(lcfg, spec, rank=0, world_size=2)
     resumed.load_state_dict(first.state_dict())
     resumed.set_epoch(3)
-    got = head + _epoch(resumed)
+    got = head + take(resumed)
     assert len(got) == len(want) == 2
     for x, y in zip(got, want, strict=True):
         assert x["key"] == y["key"] and torch.equal(x["decoder_mask"], y["decoder_mask"])

@@ -26,7 +26,7 @@ from pipeline.loader.loader import (
 )
 from pipeline.loader.masking import ClipSpec
 from pipeline.loader.transforms import IMAGENET_MEAN, IMAGENET_STD, model_input, sample_crop
-from tests.pipeline.shardset_helpers import make_shard_set
+from tests.pipeline.shardset_helpers import make_shard_set, run_epoch
 
 SMALL = dict(sampling_rate=2, shuffle_buffer=4)
 SPEC = ClipSpec(num_frames=4, input_size=32, patch_size=16, tubelet_size=2, mask_ratio=0.5, mask_type="tube")
@@ -34,16 +34,6 @@ SPEC = ClipSpec(num_frames=4, input_size=32, patch_size=16, tubelet_size=2, mask
 
 def small_cfg(url, **kw) -> LoaderConfig:
     return LoaderConfig(manifest=url, **{**SMALL, "batch_size": 2, "num_workers": 2, **kw})
-
-
-def run_epoch(loader, limit=None):
-    """[(keys, video, mask, label, valid)] of the batches yielded (all, or the first ``limit``)."""
-    out = []
-    for b in loader:
-        out.append((tuple(b["key"]), b["video"], b["mask"], b["label"], b["valid"]))
-        if limit is not None and len(out) == limit:
-            break
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pipeline.loader.loader import make_loader
 from pipeline.loader.masking import clip_masks, num_masked
 from pipeline.loader.motion import decode_motion, motion_field, motion_masks
 from pipeline.loader.transforms import sample_crop
-from tests.pipeline.shardset_helpers import make_shard_set
+from tests.pipeline.shardset_helpers import make_shard_set, take
 
 DEBUG = (
     "configs/pretrain/debug.yaml"  # tiny: 4 x 32^2 clips, patch 8, tubelet 2 -> a 2 x 4 x 4 grid, ratio 0.75
@@ -34,12 +34,7 @@ def _task(url: str, mask_type: str, *overrides: str) -> PretrainTask:
 
 def _epoch(task: PretrainTask, *, limit=None, loader=None) -> list[dict]:
     loader = loader or make_loader(task.cfg.loader, task.clip_spec())
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if limit is not None and len(out) == limit:
-            break
-    return out
+    return take(loader, limit)
 
 
 def _same(a: list[dict], b: list[dict]) -> bool:
