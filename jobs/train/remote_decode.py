@@ -176,20 +176,28 @@ class RemoteDecodeWorkers:
         gens = [self._play(w, t) for w, t in enumerate(tasks)]
         got = [0] * len(tasks)
         self._unfinished = True
-        for i in range(total):
-            w = i % len(tasks)
-            while True:
-                try:
-                    batch = ray.get(next(gens[w]))
-                    break
-                except StopIteration:
-                    raise RuntimeError(f"decode worker {w} ended after {got[w]} of its batches") from None
-                except LOST as e:
-                    gens[w] = self._replace(w, tasks[w], got[w], e)
-            got[w] += 1
-            batch, nbytes = to_torch(batch, pin=bool(self.cfg.pin_memory))
-            self.received.update(batches=1, clips=len(batch["key"]), bytes=nbytes)
-            yield batch
+        try:
+            for i in range(total):
+                w = i % len(tasks)
+                while True:
+                    try:
+                        batch = ray.get(next(gens[w]))
+                        break
+                    except StopIteration:
+                        raise RuntimeError(f"decode worker {w} ended after {got[w]} of its batches") from None
+                    except LOST as e:
+                        gens[w] = None  # its outputs' refs go before its actor is killed
+                        gens[w] = self._replace(w, tasks[w], got[w], e)
+                got[w] += 1
+                batch, nbytes = to_torch(batch, pin=bool(self.cfg.pin_memory))
+                self.received.update(batches=1, clips=len(batch["key"]), bytes=nbytes)
+                yield batch
+        finally:
+            # A pass that ends early (an error, a break) drops its generators now, before close() or the next
+            # pass kills their actors, not whenever a traceback holding them is freed: killing an actor whose
+            # generator outputs are still referenced makes Ray try to recover them, and in one test run that
+            # crashed the raylet (Ray 2.60: SIGABRT in HandleIsLocalWorkerDead).
+            gens.clear()
         self._unfinished = False
 
     def close(self) -> None:
