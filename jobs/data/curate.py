@@ -77,6 +77,7 @@ def summarize(table: pa.Table) -> dict:
         "static": int(ok["is_static"].sum()),
         "dark": int(ok["is_dark"].sum()),
         "with_black_frames": int(ok["has_black"].sum()),
+        "with_cuts": int(ok["has_cut"].fillna(False).astype(bool).sum()),
         "dup_groups": int((df.groupby("dup_group").size() > 1).sum()),
         "removable_duplicates": int(len(df) - df["dup_group"].nunique()),
         "decoders": dict(collections.Counter(ok["decoder"])),

@@ -37,7 +37,7 @@ from jobs.data.embed import EmbedConfig, embeddings_url, run_embed
 from jobs.data.shard import ShardJobConfig, shard
 from jobs.train.config import PretrainConfig
 from pipeline import storage
-from pipeline.curation.subset import SubsetRule, make_subset, random_rank, select
+from pipeline.curation.subset import FLAGS, SubsetRule, make_subset, random_rank, select
 from pipeline.curation.synth import SUMMARY_NAME, SynthConfig, synthesize
 from pipeline.ingest import manifest as mf
 
@@ -173,7 +173,7 @@ class SubsetInfo:
     size: int
     inputs_hash: str
     mean_quality: float
-    flagged_frac: float  # fraction flagged static, dark or with black frames by curation
+    flagged_frac: float  # fraction with any curation flag (static, dark, black frames, a cut)
     domains: tuple[str, ...]
 
     def summary(self) -> dict[str, Any]:
@@ -237,9 +237,8 @@ def stratified_split(
 
 def _subset_info(name: str, url: str, df: pd.DataFrame, keys: list[str], inputs_hash: str) -> SubsetInfo:
     rows = df[df["key"].isin(set(keys))]
-    flagged = (
-        rows["is_static"].fillna(False) | rows["is_dark"].fillna(False) | rows["has_black"].fillna(False)
-    )
+    columns = [c for c in FLAGS.values() if c in rows.columns]  # a table curated before a flag existed
+    flagged = rows[columns].fillna(False).astype(bool).any(axis=1)
     return SubsetInfo(
         name=name, url=url, size=len(keys), inputs_hash=inputs_hash,
         mean_quality=float(rows["quality_score"].mean()) if len(rows) else float("nan"),

@@ -8,7 +8,8 @@ selected samples straight from the original shards.
 A rule runs in three steps, each optional: filter (domains, flags, minimum quality, domain clusters, a
 percentile band of learnability) -> dedup (one sample per near-duplicate group, the best by quality; by the
 pHash's ``dup_group`` and/or the embeddings' ``sem_group``) -> take N (or a fraction) either at random or
-best-first by quality, optionally balanced across clusters. Samples curation could not decode are never
+best-first by quality, optionally balanced across clusters, or with a set share of one flag (``mix_flag``,
+``mix_share``: equal-size subsets whose defect share is the only thing that differs). Samples curation could not decode are never
 selected.
 
 The model-based columns (``sem_group``, ``cluster``, ``recon_loss``) live in ``embeddings.parquet``
@@ -32,7 +33,7 @@ from pipeline.ingest import manifest
 
 ORDERS = ("random", "quality")
 # rule flag -> curation column that is True when the sample has that defect
-FLAGS = {"static": "is_static", "dark": "is_dark", "black": "has_black"}
+FLAGS = {"static": "is_static", "dark": "is_dark", "black": "has_black", "cut": "has_cut"}
 EMBEDDINGS_NAME = "embeddings.parquet"  # written by ``vmae embed`` beside curation.parquet
 # rule field -> the embeddings column it reads; left out of the rule's record and hash when at its default
 EMBEDDING_FIELDS = {
@@ -60,6 +61,8 @@ class SubsetRule:
     balance_clusters: bool = False  # take/fraction pick equally from every cluster (while it has samples)
     min_recon_pct: float | None = None  # drop samples whose recon_loss percentile (0-100) is below this ...
     max_recon_pct: float | None = None  # ... or above this (percentiles over all decodable embedded samples)
+    mix_flag: str = ""  # with take/fraction: round(mix_share * N) of the N taken have this flag, the rest not
+    mix_share: float | None = None
 
     def __post_init__(self) -> None:
         both = sorted(set(self.include_domains) & set(self.exclude_domains))
@@ -80,6 +83,19 @@ class SubsetRule:
             raise ValueError(f"rule.fraction must be in (0, 1], got {self.fraction}")
         if self.order not in ORDERS:
             raise ValueError(f"rule.order must be one of {ORDERS}, got {self.order!r}")
+        if bool(self.mix_flag) != (self.mix_share is not None):
+            raise ValueError("rule: give mix_flag and mix_share together")
+        if self.mix_flag:
+            if self.mix_flag not in FLAGS:
+                raise ValueError(f"rule.mix_flag must be one of {sorted(FLAGS)}, got {self.mix_flag!r}")
+            if self.mix_flag in self.exclude_flags:
+                raise ValueError(f"rule: mix_flag {self.mix_flag!r} is also in exclude_flags")
+            if not 0.0 <= self.mix_share <= 1.0:
+                raise ValueError(f"rule.mix_share must be in [0, 1], got {self.mix_share}")
+            if self.take is None and self.fraction is None:
+                raise ValueError("rule: mix_share needs take or fraction (the size it shares out)")
+            if self.balance_clusters:
+                raise ValueError("rule: mix_flag with balance_clusters is not supported")
         lo, hi = self.min_recon_pct or 0.0, 100.0 if self.max_recon_pct is None else self.max_recon_pct
         if not 0.0 <= lo <= hi <= 100.0:
             raise ValueError(
@@ -91,14 +107,20 @@ class SubsetRule:
         """The embeddings columns this rule reads (empty: it needs only curation.parquet)."""
         return sorted({EMBEDDING_FIELDS[f] for f in EMBEDDING_FIELDS if getattr(self, f) != _DEFAULTS[f]})
 
+    @property
+    def flag_columns(self) -> list[str]:
+        """The curation flag columns this rule reads."""
+        return sorted({FLAGS[f] for f in (*self.exclude_flags, *([self.mix_flag] if self.mix_flag else []))})
+
     def to_dict(self) -> dict:
-        """The rule as JSON-safe dict; embedding fields at their defaults are left out, so rules written
-        before they existed keep their record and inputs hash."""
+        """The rule as JSON-safe dict; embedding and mix fields at their defaults are left out, so rules
+        written before they existed keep their record and inputs hash."""
         d = json.loads(json.dumps(dataclasses.asdict(self)))
-        return {k: v for k, v in d.items() if k not in EMBEDDING_FIELDS or getattr(self, k) != _DEFAULTS[k]}
+        return {k: v for k, v in d.items() if k not in _LATER_FIELDS or getattr(self, k) != _DEFAULTS[k]}
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SubsetRule)}
+_LATER_FIELDS = {*EMBEDDING_FIELDS, "mix_flag", "mix_share"}  # added after rules were first recorded
 
 
 def random_rank(keys: pd.Series, seed: int) -> pd.Series:
@@ -114,7 +136,7 @@ def random_rank(keys: pd.Series, seed: int) -> pd.Series:
 def select(curation: pd.DataFrame, rule: SubsetRule, exclude_keys: frozenset[str] = frozenset()) -> list[str]:
     """Keys ``rule`` selects from a curation table (``curation.parquet`` as a DataFrame), in table order;
     ``exclude_keys`` are never selected (e.g. a study's labelled evaluation clips)."""
-    need = {"key", "domain", "quality_score", "error", "dup_group", *FLAGS.values()}
+    need = {"key", "domain", "quality_score", "error", "dup_group", *rule.flag_columns}
     missing = sorted(need - set(curation.columns))
     if missing:
         raise ValueError(f"curation table lacks column(s) {missing}; is it a vmae curation.parquet?")
@@ -158,6 +180,18 @@ def select(curation: pd.DataFrame, rule: SubsetRule, exclude_keys: frozenset[str
             ranked = random_rank(df["key"], rule.seed).sort_values(kind="stable").index
         if rule.balance_clusters:
             ranked = _round_robin(ranked, df["cluster"])
+        if rule.mix_flag:
+            flagged = df[FLAGS[rule.mix_flag]].fillna(False).astype(bool)
+            n_flagged = int(round(rule.mix_share * n))
+            parts = [(ranked[flagged[ranked].to_numpy()], n_flagged, "with"),
+                     (ranked[~flagged[ranked].to_numpy()], n - n_flagged, "without")]  # fmt: skip
+            for part, want, which in parts:
+                if want > len(part):
+                    raise ValueError(
+                        f"rule: {want} of {n} samples {which} flag {rule.mix_flag!r} wanted "
+                        f"(mix_share={rule.mix_share}), but only {len(part)} pass the rule's filters"
+                    )
+            ranked = parts[0][0][:n_flagged].append(parts[1][0][: n - n_flagged])
         df = df.loc[df.index.isin(ranked[:n])]
     return df["key"].tolist()
 

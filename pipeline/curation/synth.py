@@ -16,7 +16,9 @@ spatial frequency is set in cycles per frame (at most ~4 per short side, <= 0.15
 clip rendered straight at the study's size has no detail finer than the pixels can hold and no aliasing.
 
 A *defect* degrades a clean clip the way real data goes bad: static (no motion), black runs, dark
-exposure, blur, exact re-encodes and near-duplicates (which cut diversity). ``DefectFractions`` sets the
+exposure, blur, exact re-encodes and near-duplicates (which cut diversity), and a hard cut (a fixed-length
+clip cut from a multi-shot video: from a frame in its middle half on, an unrelated scene of another content
+seed, domain and class takes over). ``DefectFractions`` sets the
 share of each; their sum is the share of low-quality clips (0.5-0.75 makes them dominate a set).
 
 Geometry: pixel centres, x to the right, y down; a positive angle turns clockwise on screen. Sizes are
@@ -47,7 +49,7 @@ from pipeline.ingest.encode import encode_mp4
 
 DOMAINS = ("textures", "shapes", "gradients")
 MOTIONS = ("left", "right", "up", "down", "rotate_cw", "rotate_ccw", "zoom_in", "zoom_out")
-DEFECTS = ("blur", "static", "duplicate", "near_duplicate", "black", "dark")
+DEFECTS = ("blur", "static", "duplicate", "near_duplicate", "black", "dark", "cut")
 LABELS_NAME = "labels.csv"
 SUMMARY_NAME = "synth.json"
 FORMAT = "vmae-synth/1"
@@ -72,6 +74,7 @@ class DefectFractions:
     near_duplicate: float = 0.05  # a clean clip's frames + small noise and brightness shift
     black: float = 0.05  # a contiguous 40-100% of the frames are black
     dark: float = 0.05  # whole clip scaled to a mean luma of 15-35 (of 255)
+    cut: float = 0.0  # from frame k in [T/4, 3T/4) on, a second scene (own content; domain, class drawn anew)
 
     def __post_init__(self) -> None:
         values = dataclasses.asdict(self)
@@ -142,6 +145,7 @@ class ClipSpec:
     defect: str  # "" for a clean clip
     content_seed: tuple[int, int]  # seeds the rendering; shared by a clip and its duplicates
     duplicate_of: str = ""  # path of the source clip
+    cut: tuple = ()  # a "cut" clip's (first frame of the second scene, its domain, its class)
 
     @property
     def path(self) -> str:
@@ -294,6 +298,10 @@ def _apply_defect(frames: np.ndarray, defect: str | None, rng: np.random.Generat
         return frames * (rng.uniform(15, 35) / max(float(luma(frames).mean()), 1e-3))
     if defect == "near_duplicate":
         return frames + rng.normal(0, 2.5, frames.shape).astype(np.float32) + rng.uniform(-4, 4)
+    if defect == "cut":
+        raise ValueError(
+            "the cut defect renders a second scene: use render_clip(..., cut=(k, domain, motion))"
+        )
     raise ValueError(f"defect must be one of {DEFECTS} or None, got {defect!r}")
 
 
@@ -306,11 +314,14 @@ def render_clip(
     rng: np.random.Generator,
     defect: str | None = None,
     defect_rng: np.random.Generator | None = None,
+    cut: tuple[int, str, str] | None = None,
 ) -> np.ndarray:
     """Render one clip: uint8 RGB ``[frames, height, width, 3]`` with ``size = (width, height)``.
 
     The content is drawn from ``rng`` first, then the defect from ``defect_rng`` (default: ``rng``), so the
     same content seed with another defect rng gives the same scene differently degraded (near-duplicates).
+    ``defect="cut"`` needs ``cut=(k, domain, motion)``: frames ``k:`` are those of a second scene of that
+    domain and motion, drawn from ``defect_rng`` (frames ``:k`` are the clean clip's, unchanged).
     """
     w, h = size
     if w < 8 or h < 8 or frames < 2:
@@ -328,6 +339,13 @@ def render_clip(
         u, v = (c * dx + s * dy) / scale[i], (-s * dx + c * dy) / scale[i]
         alpha = np.clip(0.5 - _polygon_sdf(u, v, poly) * scale[i] / edge_px, 0, 1)[..., None]
         out[i] = background(i) * (1 - alpha) + fill(u, v) * alpha
+    if defect == "cut":
+        if cut is None or not 1 <= cut[0] < frames:
+            raise ValueError(f"a cut clip needs cut=(k, domain, motion) with 1 <= k < {frames}, got {cut}")
+        k, domain2, motion2 = cut
+        second = render_clip(domain2, motion2, size=size, frames=frames, rng=defect_rng or rng)
+        out[k:] = second[k:]
+        defect = None
     out = _apply_defect(out, defect, defect_rng or rng)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
@@ -372,6 +390,15 @@ def plan(cfg: SynthConfig) -> list[ClipSpec]:
         specs[i] = dataclasses.replace(
             src, index=s.index, defect=s.defect, duplicate_of=src.path, content_seed=src.content_seed
         )
+    # drawn after everything else, so a plan without cuts is the one this generator made before they existed
+    for i, s in enumerate(specs):
+        if s.defect == "cut":
+            k = int(rng.integers(s.frames // 4, max(s.frames // 4 + 1, (3 * s.frames) // 4)))
+            second = (
+                cfg.domains[rng.integers(len(cfg.domains))],
+                cfg.classes[rng.integers(len(cfg.classes))],
+            )
+            specs[i] = dataclasses.replace(s, cut=(k, *second))
     return specs
 
 
@@ -380,7 +407,7 @@ def _make_clip(spec: ClipSpec, crf: int, out_url: str) -> dict:
     frames = render_clip(
         spec.domain, spec.motion, size=(spec.width, spec.height), frames=spec.frames,
         rng=np.random.default_rng(spec.content_seed), defect=spec.defect or None,
-        defect_rng=np.random.default_rng((*spec.content_seed, spec.index, 1)),
+        defect_rng=np.random.default_rng((*spec.content_seed, spec.index, 1)), cut=spec.cut or None,
     )  # fmt: skip
     # An exact duplicate is the same content re-encoded: same frames, different bytes.
     data = encode_mp4(frames, fps=spec.fps, crf=crf - 4 if spec.defect == "duplicate" else crf)

@@ -106,12 +106,14 @@ def test_curate_job_end_to_end(shard_set, tmp_path, capsys):
     assert df.is_static[truth.defect == "static"].all() and not df.is_static[clean].any()
     assert df.has_black[truth.defect == "black"].all() and not df.has_black[clean].any()
     assert df.is_dark[truth.defect == "dark"].all() and not df.is_dark[clean].any()
+    assert df.has_cut[truth.defect == "cut"].all() and not df.has_cut[clean].any()
     for key in truth.index[truth.duplicate_of != ""]:
         assert df.dup_group[key] == df.dup_group[_key(truth.duplicate_of[key])]
     copies = truth.index[truth.duplicate_of != ""].tolist() + [_key(p) for p in truth.duplicate_of if p]
     assert (df.drop(index=copies).dup_group_size == 1).all()  # no false merges
     summary = json.loads(meta["summary"])
     assert summary["errors"] == 1 and summary["static"] >= 1 and summary["removable_duplicates"] == 2
+    assert summary["with_cuts"] == int(df.has_cut.sum()) >= 1
     assert summary["missing_keys"] == 0 and set(summary["per_domain"]) == set(SYNTH.domains)
 
     sub_url = str(tmp_path / "clean.parquet")
@@ -251,3 +253,27 @@ def test_report_shows_metrics_clusters_and_worst_clips(shard_set, tmp_path, caps
         assert Image.open(p).size[0] > 100  # a real picture, not an empty figure
     assert main(["curate", "--output", str(tmp_path / "none"), "--report-only"]) == 2
     assert main(["curate", "--output", str(out)]) == 2  # curating needs --shards
+
+
+def test_a_shard_cut_at_a_member_boundary_still_accounts_for_every_key(shard_set, tmp_path):
+    """A tar cut exactly after one sample's last member reads as a clean, shorter stream (no error from the
+    reader): every key the manifest lists that the shard did not deliver still gets an ``unreadable`` row."""
+    import tarfile
+
+    from pipeline.curation.quality import curate_shard
+
+    _, manifest_url, _ = shard_set
+    m = manifest.read_manifest(manifest_url)
+    shard = m.shards[0]
+    with tarfile.open(m.shard_url(shard)) as tar:
+        members = tar.getmembers()
+    first = members[0].name.split(".", 1)[0]
+    last_of_first = max((t for t in members if t.name.split(".", 1)[0] == first), key=lambda t: t.offset)
+    end = last_of_first.offset_data + -(-last_of_first.size // 512) * 512  # the next header starts here
+    cut = tmp_path / shard.name
+    cut.write_bytes(open(m.shard_url(shard), "rb").read()[:end])
+    df = curate_shard(str(cut), QualityConfig(num_frames=4), keys=tuple(shard.keys)).to_pandas()
+    assert sorted(df.key) == sorted(shard.keys)
+    ok = df[df.error == ""]
+    assert ok.key.tolist() == [first]
+    assert (df[df.key != first].error == "unreadable: the shard ended before this sample").all()

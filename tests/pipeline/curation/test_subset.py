@@ -112,6 +112,34 @@ def test_random_n_is_seeded_nested_and_composes_with_filters():
     assert random_rank(pd.Series(["a", "b"]), 0).dtype == np.uint64
 
 
+def test_mixed_take_has_the_share_of_the_flag_and_is_nested_in_it():
+    df = _curation(300).assign(has_cut=np.random.default_rng(5).random(300) < 0.4)
+    ok = df[(df.error == "") & ~df.is_static]
+    rank = {k: int.from_bytes(hashlib.sha256(f"3:{k}".encode()).digest()[:8], "big") for k in ok.key}
+    picked = {}
+    for share in (0.0, 0.25, 0.5, 0.75):
+        rule = SubsetRule(exclude_flags=("static",), take=80, seed=3, mix_flag="cut", mix_share=share)
+        got = select(df, rule)
+        n_cut = round(share * 80)
+        ref = (
+            sorted(ok.key[ok.has_cut], key=rank.get)[:n_cut]
+            + sorted(ok.key[~ok.has_cut], key=rank.get)[: 80 - n_cut]
+        )
+        assert got == _in_order(ok, ref) and len(got) == 80
+        picked[share] = set(got)
+    cut = set(df.key[df.has_cut])
+    assert picked[0.25] & cut < picked[0.5] & cut < picked[0.75] & cut  # the flagged part grows, nested
+    assert picked[0.75] - cut < picked[0.5] - cut < picked[0.25] - cut  # the rest shrinks, nested
+    plain = select(df.drop(columns=["has_cut"]), SubsetRule(exclude_flags=("static",), take=80, seed=3))
+    assert len(plain) == 80  # a rule that does not name a flag does not need its column
+    with pytest.raises(
+        ValueError, match=r"60 of 80 samples with flag 'cut' wanted \(mix_share=0.75\), but only"
+    ):
+        select(df.assign(has_cut=df.has_cut & (np.arange(300) < 100)), rule)
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['has_cut'\]"):
+        select(df.drop(columns=["has_cut"]), rule)
+
+
 def test_take_more_than_available_is_an_error():
     with pytest.raises(ValueError, match=r"rule.take=500 but only \d+ samples"):
         select(_curation(), SubsetRule(take=500))
@@ -129,6 +157,11 @@ def test_take_more_than_available_is_an_error():
         (dict(take=-1), "take must be"),
         (dict(fraction=0.0), "fraction must be"),
         (dict(order="best"), "order must be"),
+        (dict(mix_flag="cut", take=3), "mix_flag and mix_share together"),
+        (dict(mix_flag="blurry", mix_share=0.5, take=3), "mix_flag must be one of"),
+        (dict(mix_flag="cut", mix_share=0.5, take=3, exclude_flags=("cut",)), "also in exclude_flags"),
+        (dict(mix_flag="cut", mix_share=1.5, take=3), "mix_share must be in"),
+        (dict(mix_flag="cut", mix_share=0.5), "needs take or fraction"),
     ],
 )
 def test_rule_validation(kw, match):

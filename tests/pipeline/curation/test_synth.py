@@ -1,3 +1,4 @@
+import dataclasses
 import glob
 import io
 
@@ -118,13 +119,45 @@ def test_defects_change_what_they_should():
         clip("melted")
 
 
+def test_a_cut_clip_is_its_clean_clip_then_an_independent_second_scene():
+    kw = dict(size=(32, 32), frames=16)
+    clean = render_clip("shapes", "left", rng=np.random.default_rng(3), **kw)
+    second = render_clip("textures", "zoom_in", rng=np.random.default_rng(77), **kw)
+    cut = render_clip("shapes", "left", rng=np.random.default_rng(3), defect="cut",
+                      defect_rng=np.random.default_rng(77), cut=(6, "textures", "zoom_in"), **kw)  # fmt: skip
+    assert np.array_equal(cut[:6], clean[:6]) and np.array_equal(cut[6:], second[6:])
+    jump = np.abs(np.diff(cut.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))
+    assert jump.argmax() == 5 and jump[5] > 5 * np.delete(jump, 5).max()  # the one hard change
+    for bad in (None, (0, "shapes", "up"), (16, "shapes", "up")):
+        with pytest.raises(ValueError, match="a cut clip needs cut="):
+            render_clip("shapes", "left", rng=np.random.default_rng(3), defect="cut", cut=bad, **kw)
+
+
+def test_plan_places_cuts_in_the_middle_half_with_the_configs_domains_and_classes():
+    base = SynthConfig(
+        **{**SMALL, "videos_per_class": 20, "defects": DefectFractions(**{d: 0 for d in DEFECTS})}
+    )
+    with_cuts = dataclasses.replace(base, defects=DefectFractions(**{**{d: 0 for d in DEFECTS}, "cut": 0.5}))
+    specs = plan(with_cuts)
+    cuts = [s for s in specs if s.defect == "cut"]
+    assert len(cuts) == len(specs) // 2 and all(not s.cut for s in specs if s.defect != "cut")
+    for s in cuts:
+        k, domain, motion = s.cut
+        assert s.frames // 4 <= k < (3 * s.frames) // 4 and domain in base.domains and motion in base.classes
+    assert len({s.cut for s in cuts}) > 1
+    assert [dataclasses.replace(s, defect="", cut=()) for s in specs] == plan(
+        base
+    )  # cuts change nothing else
+
+
 def test_plan_counts_and_duplicate_sources():
     cfg = SynthConfig(**SMALL)
     specs = plan(cfg)
     assert len(specs) == 2 * 3 * 2 and [s.index for s in specs] == list(range(12))
     counts = pd.Series([s.defect for s in specs]).value_counts().to_dict()
     assert counts == {
-        "": 6,
+        "": 5,
+        "cut": 1,
         "blur": 1,
         "static": 1,
         "duplicate": 1,
@@ -173,7 +206,7 @@ def test_synthesize_is_deterministic_across_workers_and_writes_layout(tmp_path):
     near = np.abs(decode_all(fa["/" + dup.path]).astype(int) - decode_all(fa["/" + dup.duplicate_of])).mean()
     assert near < 3
     summary = pd.read_json(io.StringIO(open(f"{a}/synth.json").read()), typ="series")
-    assert summary["num_videos"] == 12 and summary["counts"]["defect"]["clean"] == 6
+    assert summary["num_videos"] == 12 and summary["counts"]["defect"]["clean"] == 5
     assert table.num_rows == 12 and set(table.column("path").to_pylist()) == set(labels.path)
 
 
