@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all lint format clean bench-quick
+.PHONY: venv demo test test-all lint format clean bench-quick studies
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu" --timeout 900 --durations=30
+
+# The four CPU studies one after the other (data generated on first use, then shared through studies/_cpu_shared);
+# docs/studies/README.md holds what they measured and how long they took.
+STUDIES := scratch_vs_pretrained masking_ratio quality_vs_quantity domain_shift
+studies: $(STAMP)
+	@for s in $(STUDIES); do \
+	  start=$$(date +%s); $(BIN)/vmae study --config configs/study/$$s.yaml || exit 1; \
+	  echo "study $$s: $$(( $$(date +%s) - start )) s"; done
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q

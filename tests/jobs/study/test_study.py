@@ -304,6 +304,11 @@ def test_debug_study_end_to_end_and_rerun(ray_cluster, tmp_path):
     )
     for sub in {c["subset"]["url"] for c in first["results"]}:  # no pretraining subset holds a target clip
         assert not held_out & set(mf.read_subset(sub).keys)
+    subsets = os.path.dirname(first["results"][0]["subset"]["url"])
+    (mixed,) = glob.glob(os.path.join(subsets, "cut50-*.parquet"))  # a subset no cell uses is still made
+    curation = pd.read_parquet(glob.glob(os.path.join(os.path.dirname(subsets), "curation-*.parquet"))[0])
+    flagged = curation.set_index("key").loc[list(mf.read_subset(mixed).keys), "has_cut"]
+    assert len(flagged) == 8 and flagged.sum() == 4 and not held_out & set(flagged.index)
     md = open(first["files"]["results.md"]).read()
     assert "## Findings" in md and "pretraining beats scratch" in md
     assert open(first["files"]["summary"], "rb").read(8) == PNG_MAGIC

@@ -118,7 +118,7 @@ def test_rerun_skips_and_another_embedding_makes_another_subset(prepared, monkey
         ("data.embed={subset: all}", "exactly one of pretrain"),
         ("data.embed={checkpoint: /m, pretrain: {config: x}}", "exactly one of pretrain"),
         ("data.embed={subset: nope, pretrain: {config: configs/pretrain/debug.yaml}}",
-         r"data.embed.subset 'nope' must name a subset that needs no embeddings, from \['all', 'clean'\]"),
+         r"data.embed.subset 'nope' must name a subset that needs no embeddings, from \['all', 'clean', 'cut50'\]"),
     ],
 )  # fmt: skip
 def test_an_embedding_rule_without_its_stage_fails_at_config_load(override, message):
@@ -150,3 +150,47 @@ def test_model_curation_data_is_the_cpu_data_plus_its_embed_stage(monkeypatch):
         "model-curated is not worse than flag-curated clean": (
             "not_worse", {"subset": "model_curated"}, {"subset": "clean"}),
     }  # fmt: skip
+
+
+def test_quality_study_varies_the_cut_share_and_nothing_else(monkeypatch):
+    """Study C's knob: equal-size subsets, the same filters, seed and random order, only the share of clips
+    curation flags as crossing a cut differs (0 % is the shared ``clean`` subset); the four CPU studies run
+    their fits in one Ray task each (runner.pretrain=local)."""
+    monkeypatch.chdir(ROOT)
+    study = load_config(StudyConfig, "configs/study/quality_vs_quantity.yaml")
+    rules = {r.name: r for r in study.data.subsets}
+    clean = rules["clean"]
+    assert (clean.take, clean.seed, clean.dedup, set(clean.exclude_flags)) == (
+        1200,
+        0,
+        True,
+        {"static", "dark", "black", "cut"},
+    )
+    for share in (25, 50, 75):
+        rule = rules[f"cut{share}"]
+        assert (rule.mix_flag, rule.mix_share) == ("cut", share / 100)
+        assert (
+            dataclasses.replace(
+                rule, name="clean", mix_flag="", mix_share=None, exclude_flags=clean.exclude_flags
+            )
+            == clean
+        )
+    assert [c.get("subset", c.get("init")) for c in study.grid.cells] == [
+        "clean",
+        "cut25",
+        "cut50",
+        "cut75",
+        "scratch",
+    ]
+    assert study.data.synth.defects.cut == 0.25 and study.data.synth.videos_per_class == 360
+    for t in study.data.targets:  # labelled clips never cross a cut
+        assert "cut" in t.rule.exclude_flags
+    for name in (
+        "scratch_vs_pretrained",
+        "masking_ratio",
+        "quality_vs_quantity",
+        "domain_shift",
+        "model_curation",
+    ):
+        cfg = load_config(StudyConfig, f"configs/study/{name}.yaml")
+        assert (cfg.runner.pretrain, cfg.runner.parallel, cfg.num_cpus) == ("local", 2, 2), name
