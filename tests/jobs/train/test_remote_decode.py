@@ -43,8 +43,8 @@ def cfg_of(manifest: str, **kw) -> LoaderConfig:
     return LoaderConfig(**{**base, **kw})
 
 
-def remote_cfg(manifest: str, **kw) -> LoaderConfig:
-    remote = RemoteDecodeConfig(cpus=0.25, start_timeout_s=60)
+def remote_cfg(manifest: str, remote_kw: dict | None = None, **kw) -> LoaderConfig:
+    remote = RemoteDecodeConfig(cpus=0.25, start_timeout_s=60, **(remote_kw or {}))
     return cfg_of(manifest, decode="remote", remote=remote, **kw)
 
 
@@ -74,15 +74,18 @@ def reference(shards):
 def test_remote_batches_equal_the_local_loaders_through_a_loss_and_an_abandoned_pass(
     decode_ray, shards, reference
 ):
-    loader = make_loader(remote_cfg(shards), SPEC)
+    # in_flight 1: actor 1 (batches 1, 3, 5, 7) is at most 1-2 batches ahead when it is killed, so batch 7 is
+    # always left to its replacement. With the default 2, on a loaded box it had sometimes made all of them (Ray
+    # counts a batch as taken when the rank's acknowledgement arrives), and there was nothing to replace.
+    loader = make_loader(remote_cfg(shards, {"in_flight": 1}), SPEC)
     workers = loader.workers
     assert isinstance(workers, RemoteDecodeWorkers)
     got = []
     for i, b in enumerate(loader):
         got.append((tuple(b["key"]), b["video"], b["mask"], b["label"], b["valid"]))
-        if i == 2:  # actor 1 has made batch 1 (taken) and is ahead on 3 (and 5): they are lost with it
+        if i == 2:  # actor 1 has made batch 1 (taken) and at most 3 and 5: the rest is lost with it
             ray.kill(workers.actors[1], no_restart=True)
-    same(got, reference[1][0])  # nothing lost, doubled or reordered: the replacement made batches 3, 5, 7
+    same(got, reference[1][0])  # nothing lost, doubled or reordered: the replacement made what was left
     assert workers.replaced == 1 and len(set(workers.nodes)) == 1  # one node here: the replacement is there
     per_batch = 2 * (
         3 * 4 * 32 * 32 + 8 + 8 + 1
