@@ -1,6 +1,6 @@
-"""The four CPU study configs' own machinery on a tiny grid: each config's cells, subsets by the same names,
-finetune/eval jobs and findings, with its data made tiny (64 clips) and every fit cut to 2 steps, all four on one
-Ray session and one cache (as `make studies` shares runs). It asserts what ran and what was written, never a
+"""The CPU study configs' own machinery on a tiny grid (the four of `make studies` and C's follow-up F): each
+config's cells, subsets by the same names, finetune/eval jobs and findings, with its data made tiny (64 clips) and
+every fit cut to 2 steps, all five on one Ray session and one cache (as `make studies` shares runs). It asserts what ran and what was written, never a
 finding's verdict: that is the real study's job (docs/studies)."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from jobs.study.study import StudyConfig, expand_grid, run_study
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "..")
 # study -> pretraining runs it starts when run in this order: the clean tube-0.9 runs are shared by all four
-CPU_STUDIES = {"scratch_vs_pretrained": 1, "masking_ratio": 3, "quality_vs_quantity": 3, "domain_shift": 2}
+CPU_STUDIES = {"scratch_vs_pretrained": 1, "masking_ratio": 3, "quality_vs_quantity": 3, "domain_shift": 2,
+               "cut_scenes": 2}  # fmt: skip
 NOCUT = ["static", "dark", "black", "cut"]
 MIX = {"exclude_flags": ["static", "dark", "black"], "dedup": True, "take": 8, "mix_flag": "cut"}
 TINY_DATA = {
@@ -32,6 +33,8 @@ TINY_DATA = {
     "subsets": [
         {"name": "clean", "exclude_flags": NOCUT, "dedup": True, "take": 8},
         *({"name": f"cut{p}", **MIX, "mix_share": p / 100} for p in (25, 50, 75)),
+        {"name": "clean_686", "exclude_flags": NOCUT, "dedup": True, "take": 5},
+        {"name": "cut75_686", **MIX, "take": 5, "mix_share": 0.75},
         {"name": "clean_shapes", "include_domains": ["shapes"], "exclude_flags": NOCUT, "dedup": True},
         {"name": "clean_textures", "include_domains": ["textures"], "exclude_flags": NOCUT, "dedup": True},
         {"name": "all"},

@@ -191,6 +191,34 @@ def test_quality_study_varies_the_cut_share_and_nothing_else(monkeypatch):
         "quality_vs_quantity",
         "domain_shift",
         "model_curation",
+        "cut_scenes",
     ):
         cfg = load_config(StudyConfig, f"configs/study/{name}.yaml")
         assert (cfg.runner.pretrain, cfg.runner.parallel, cfg.num_cpus) == ("local", 2, 2), name
+
+
+def test_cut_scenes_study_holds_scenes_or_clips_fixed(monkeypatch):
+    """Study F (C's follow-up): cut75_686 has as many scenes as clean (172 whole clips + 514 cut clips of two
+    scenes each = 1200) and as many clips as clean_686; both are C's rules with a smaller take (nested in them),
+    on C's data, cache and recipes, so clean, cut75 and scratch are the runs C made."""
+    monkeypatch.chdir(ROOT)
+    study = load_config(StudyConfig, "configs/study/cut_scenes.yaml")
+    quality = load_config(StudyConfig, "configs/study/quality_vs_quantity.yaml")
+    rules = {r.name: r for r in study.data.subsets}
+    assert study.data == quality.data and study.data_file == "configs/study/data/cpu.yaml"
+    assert rules["clean_686"] == dataclasses.replace(rules["clean"], name="clean_686", take=686)
+    assert rules["cut75_686"] == dataclasses.replace(rules["cut75"], name="cut75_686", take=686)
+    n_cut = int(round(rules["cut75_686"].mix_share * 686))
+    assert (686 - n_cut) + 2 * n_cut == rules["clean"].take == 1200
+    assert [c.get("subset", c.get("init")) for c in study.grid.cells] == [
+        "clean_686", "cut75_686", "clean", "cut75", "scratch"]  # fmt: skip
+    for part in ("pretrain", "finetune", "eval"):
+        assert getattr(study, part) == getattr(quality, part), part
+    assert (study.seeds, study.cache) == (quality.seeds, quality.cache)
+    findings = {f.name: (f.kind, f.better, f.worse) for f in study.report.findings}
+    assert findings == {
+        "no cuts beat 75 % cut clips at equal scenes (1200 vs 686 clips)": (
+            "greater", {"subset": "clean"}, {"subset": "cut75_686"}),
+        "no cuts beat 75 % cut clips at 686 clips": ("greater", {"subset": "clean_686"}, {"subset": "cut75_686"}),
+        "1200 clean clips beat 686": ("greater", {"subset": "clean"}, {"subset": "clean_686"}),
+    }  # fmt: skip
