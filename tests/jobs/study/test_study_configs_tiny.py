@@ -1,7 +1,7 @@
 """The CPU study configs' own machinery on a tiny grid (the four of `make studies` and C's follow-up F): each
 config's cells, subsets by the same names, finetune/eval jobs and findings, with its data made tiny (64 clips) and
-every fit cut to 2 steps, all five on one Ray session and one cache (as `make studies` shares runs). It asserts what ran and what was written, never a
-finding's verdict: that is the real study's job (docs/studies)."""
+every fit cut to 2 steps, all five on one Ray session and one cache (as `make studies` shares runs). It asserts
+what ran and what was written, never a finding's verdict: that is the real study's job (docs/studies)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from jobs.study.data import DataConfig, JobRef
 from jobs.study.study import StudyConfig, expand_grid, run_study
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "..")
-# study -> pretraining runs it starts when run in this order: the clean tube-0.9 runs are shared by all four
+# study -> pretraining runs it starts when run in this order: the clean tube-0.9 runs are shared by all five,
+# C's clean/cut75 runs by F
 CPU_STUDIES = {"scratch_vs_pretrained": 1, "masking_ratio": 3, "quality_vs_quantity": 3, "domain_shift": 2,
                "cut_scenes": 2}  # fmt: skip
 NOCUT = ["static", "dark", "black", "cut"]
